@@ -1,0 +1,98 @@
+"""Scaled dot-product attention shared by the LLaMA, CLIP and UNet models.
+
+Layout: q [B, Tq, H, D], k/v [B, Tk, Hkv, D] with H a multiple of Hkv (grouped-query attention).
+`mask` is boolean, broadcastable to [B, H, Tq, Tk] (True = may attend). Softmax runs in fp32.
+
+Implementations:
+  "xla"        materialises the [B, H, Tq, Tk] scores: best for short sequences (LM decode, CLIP, cross-attention).
+  "blockwise"  online softmax over key blocks (flash-style), query blocks scanned too: on CPU the materialised
+               scores of SD's 4096-token self-attention fall out of cache, and the exp over them dominates.
+  "cudnn"      jax.nn.dot_product_attention's fused GPU kernel.
+  "auto"       blockwise for long key sequences on CPU, cudnn on GPU where it applies, else xla.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30  # finite, so fully-masked rows give zeros instead of NaN
+
+
+def _expand_kv(k: jax.Array, num_heads: int) -> jax.Array:
+    reps = num_heads // k.shape[2]
+    return k if reps == 1 else jnp.repeat(k, reps, axis=2)
+
+
+def xla_attention(q, k, v, mask=None, scale=None):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def blockwise_attention(q, k, v, mask=None, scale=None, q_block: int = 512, kv_block: int = 512):
+    """Flash-style attention: never materialises more than [B, H, q_block, kv_block] scores."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    q_block, kv_block = min(q_block, tq), min(kv_block, tk)
+    if tq % q_block or tk % kv_block:  # ragged lengths: not worth the padding logic here
+        return xla_attention(q, k, v, mask, scale)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, tq, tk))
+    nq, nk = tq // q_block, tk // kv_block
+    qb = (q * scale).reshape(b, nq, q_block, h, d).transpose(1, 0, 3, 2, 4)  # [nq, B, H, qb, D]
+    kb = k.reshape(b, nk, kv_block, h, d).transpose(1, 0, 3, 2, 4)  # [nk, B, H, kb, D]
+    vb = v.reshape(b, nk, kv_block, h, d).transpose(1, 0, 3, 2, 4)
+
+    def one_query_block(qi, q_chunk):
+        def step(carry, inputs):
+            acc, row_max, row_sum = carry
+            ki, k_chunk, v_chunk = inputs
+            s = jnp.einsum("bhqd,bhkd->bhqk", q_chunk, k_chunk, preferred_element_type=jnp.float32)
+            if mask is not None:
+                m = jax.lax.dynamic_slice(mask, (0, 0, qi * q_block, ki * kv_block), (b, h, q_block, kv_block))
+                s = jnp.where(m, s, _NEG_INF)
+            new_max = jnp.maximum(row_max, s.max(-1))
+            p = jnp.exp(s - new_max[..., None])
+            correction = jnp.exp(row_max - new_max)
+            row_sum = row_sum * correction + p.sum(-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bhqk,bhkd->bhqd", p.astype(v_chunk.dtype), v_chunk, preferred_element_type=jnp.float32
+            )
+            return (acc, new_max, row_sum), None
+
+        init = (
+            jnp.zeros((b, h, q_block, d), jnp.float32),
+            jnp.full((b, h, q_block), _NEG_INF, jnp.float32),
+            jnp.zeros((b, h, q_block), jnp.float32),
+        )
+        (acc, _, row_sum), _ = jax.lax.scan(step, init, (jnp.arange(nk), kb, vb))
+        return acc / jnp.maximum(row_sum, 1e-30)[..., None]
+
+    out = jax.lax.map(lambda args: one_query_block(*args), (jnp.arange(nq), qb))  # [nq, B, H, qb, D]
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, tq, h, d).astype(q.dtype)
+
+
+def dot_product_attention(q, k, v, mask=None, *, scale=None, implementation: str = "auto"):
+    if implementation == "auto":
+        platform = jax.devices()[0].platform
+        if platform == "gpu" and q.dtype in (jnp.float16, jnp.bfloat16) and mask is None:
+            implementation = "cudnn"
+        elif platform == "cpu" and k.shape[1] >= 1024:
+            implementation = "blockwise"
+        else:
+            implementation = "xla"
+    if implementation == "xla":
+        return xla_attention(q, k, v, mask, scale)
+    if implementation == "blockwise":
+        return blockwise_attention(q, k, v, mask, scale)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    raise ValueError(f"unknown attention implementation {implementation!r} (xla, blockwise, cudnn, auto)")
