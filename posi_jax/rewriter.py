@@ -1,0 +1,103 @@
+"""The prompt rewriter: toxic prompt in, clean prompt out, through the policy's chat template and the jitted sampler."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from posi_jax.errors import PosiError
+from posi_jax.prompts import POSI_INSTRUCTION
+from posi_jax.rl.sampler import SamplingConfig, generate
+
+_LENGTH_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a handful of shapes get compiled
+
+
+@dataclass
+class Rewrite:
+    original: str
+    rewritten: str
+    new_tokens: int
+    seconds: float  # wall time of the batch this prompt was in, divided by the batch size
+
+
+class Rewriter:
+    def __init__(self, model, tokenizer, *, instruction: str = POSI_INSTRUCTION, max_prompt_tokens: int = 256,
+                 batch_size: int = 8):
+        self.model, self.tokenizer = model, tokenizer
+        self.instruction = instruction
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, checkpoint=None, **kwargs) -> "Rewriter":
+        """`checkpoint`: None (the embedded SmolLM2-135M-Instruct), a .gguf file, or an HF safetensors folder."""
+        from posi_jax.checkpoints import load_policy
+
+        model, tokenizer = load_policy(checkpoint)
+        return cls(model, tokenizer, **kwargs)
+
+    def chat_tokens(self, prompt: str) -> list[int]:
+        """Token ids of the chat-formatted request for one prompt (truncating an over-long prompt with a warning)."""
+        if not isinstance(prompt, str):
+            raise PosiError(f"prompt must be a string, got {type(prompt).__name__}")
+        text = prompt.strip()
+        if not text:
+            raise PosiError("empty prompt (nothing but whitespace)")
+        ids = self.tokenizer.encode(text)
+        if len(ids) > self.max_prompt_tokens:
+            warnings.warn(f"prompt of {len(ids)} tokens truncated to {self.max_prompt_tokens}: {text[:40]!r}...",
+                          stacklevel=3)
+            text = self.tokenizer.decode(ids[: self.max_prompt_tokens])
+        messages = [{"role": "system", "content": self.instruction}, {"role": "user", "content": text}]
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def rewrite(self, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[str]:
+        return [r.rewritten for r in self.rewrite_detailed(prompts, sampling, seed)]
+
+    def rewrite_detailed(self, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                         progress=None) -> list[Rewrite]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise PosiError("no prompts given")
+        rows = []
+        for i, p in enumerate(prompts):
+            try:
+                rows.append(self.chat_tokens(p))
+            except PosiError as e:
+                raise PosiError(f"prompt {i + 1}: {e}") from None
+        limit = self.model.config.max_position_embeddings
+        results: list[Rewrite] = []
+        rng = jax.random.key(seed)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            length = -(-max(len(r) for r in chunk) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+            if length + sampling.max_new_tokens > limit:
+                raise PosiError(f"prompt + {sampling.max_new_tokens} new tokens exceed the model's context of {limit}")
+            # Pad the batch to a fixed size with copies of the first row (outputs dropped): one compiled shape.
+            padded = chunk + [chunk[0]] * (self.batch_size - len(chunk)) if len(rows) > self.batch_size else chunk
+            ids, mask = self.tokenizer.pad_left(padded, length)
+            rng, batch_rng = jax.random.split(rng)
+            t0 = time.perf_counter()
+            out = generate(self.model, ids, mask, batch_rng, sampling, eos_ids=self.tokenizer.eos_ids,
+                           pad_id=self.tokenizer.pad_id)
+            tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            for j in range(len(chunk)):
+                response = [t for t, k in zip(tokens[j], keep[j]) if k and t not in self.tokenizer.eos_ids]
+                results.append(Rewrite(prompts[start + j], clean_response(self.tokenizer.decode(response)),
+                                       int(keep[j].sum()), seconds))
+            if progress is not None:
+                progress.update(len(chunk))
+        return results
+
+
+def clean_response(text: str) -> str:
+    """The rewritten prompt: surrounding whitespace and quotes removed."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text

@@ -1,0 +1,119 @@
+"""LM tokenizer (byte-level BPE) and chat template, built from a GGUF's own fields or an HF tokenizer folder.
+
+No torch and no transformers import at run time: the `tokenizers` library does the BPE, jinja2 the chat template.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from posi_jax.errors import PosiError
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are special (never split by BPE)
+
+
+class Tokenizer:
+    def __init__(self, backend, *, bos_id: int | None, eos_ids: tuple[int, ...], pad_id: int, chat_template: str | None,
+                 bos_token: str = "", eos_token: str = ""):
+        self.backend = backend
+        self.bos_id, self.eos_ids, self.pad_id = bos_id, tuple(eos_ids), pad_id
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_gguf(cls, gguf_file) -> "Tokenizer":
+        from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
+
+        g = gguf_file
+        model = g.require("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise PosiError(f"{g.path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' only)")
+        tokens = list(g.require("tokenizer.ggml.tokens"))
+        merges = [tuple(m.split(" ", 1)) for m in g.require("tokenizer.ggml.merges")]
+        types = list(g.field("tokenizer.ggml.token_type", [1] * len(tokens)))
+        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                    for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)])
+        bos = g.field("tokenizer.ggml.bos_token_id")
+        eos = int(g.require("tokenizer.ggml.eos_token_id"))
+        pad = g.field("tokenizer.ggml.padding_token_id", eos)
+        return cls(backend, bos_id=None if bos is None else int(bos), eos_ids=(eos,), pad_id=int(pad),
+                   chat_template=g.field("tokenizer.chat_template"),
+                   bos_token=tokens[int(bos)] if bos is not None else "", eos_token=tokens[eos])
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise PosiError(f"{folder}: no tokenizer.json (a fast-tokenizer file is needed)")
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as e:
+            raise PosiError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+        def token_text(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        eos_token = token_text(cfg.get("eos_token")) or ""
+        bos_token = token_text(cfg.get("bos_token")) or ""
+        pad_token = token_text(cfg.get("pad_token")) or eos_token
+        eos_id = backend.token_to_id(eos_token) if eos_token else None
+        if eos_id is None:
+            raise PosiError(f"{folder}: tokenizer_config.json names no usable eos_token")
+        bos_id = backend.token_to_id(bos_token) if bos_token else None
+        pad_id = backend.token_to_id(pad_token) if pad_token else eos_id
+        template = cfg.get("chat_template")
+        tpl_file = folder / "chat_template.jinja"
+        if template is None and tpl_file.is_file():
+            template = tpl_file.read_text()
+        return cls(backend, bos_id=bos_id, eos_ids=(eos_id,), pad_id=eos_id if pad_id is None else pad_id,
+                   chat_template=template, bos_token=bos_token, eos_token=eos_token)
+
+    # ---- text <-> ids ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise PosiError("this tokenizer has no chat template")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def pad_left(self, rows: list[list[int]], length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded int32 ids [B, length] and their bool mask (generation continues at the right edge)."""
+        length = max(len(r) for r in rows) if length is None else length
+        ids = np.full((len(rows), length), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), length), bool)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, length - len(r):] = r
+                mask[i, length - len(r):] = True
+        return ids, mask
+
+
+def _raise_template_error(message):
+    raise PosiError(f"chat template error: {message}")

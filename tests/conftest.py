@@ -1,0 +1,63 @@
+"""Shared fixtures: the real SmolLM2 GGUF, the POSI data folder, a tiny random LLaMA folder written by transformers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Parity tests compare fp32 numbers: keep XLA from using lower-precision matmul paths.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("POSI_DATA", REPO.parent / "shared" / "data" / "posi"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "sft_toxic_clean.json").is_file():
+        pytest.fail(f"POSI data not found at {DATA_DIR} (set POSI_DATA)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from posi_jax.checkpoints import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    from posi_jax.tokenizer import Tokenizer
+    from posi_jax.weights.gguf import GGUFFile
+
+    return Tokenizer.from_gguf(GGUFFile(smollm2_gguf))
+
+
+TINY_LLAMA = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rope_theta=5000.0, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A small random GQA LLaMA with untied embeddings, saved by transformers, with SmolLM2's tokenizer and template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    model.save_pretrained(folder, safe_serialization=True)
+    smollm2_tokenizer.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "pad_token": "<|im_end|>",
+        "chat_template": smollm2_tokenizer.chat_template}))
+    return folder
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
