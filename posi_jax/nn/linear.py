@@ -14,7 +14,7 @@ class Linear(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
-        self.lora = None  # set by nn.lora.add_lora; kept in its own subtree so it can be trained/saved alone
+        self.lora = nnx.data(None)  # set by nn.lora.add_lora; kept in its own subtree so it can be trained/saved alone
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
 
