@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     try:
-        prompts = read_prompts(args)
-        from posi_jax.rewriter import Rewriter
+        from posi_jax.rewriter import Rewriter, check_prompts
+
+        prompts = check_prompts(read_prompts(args))
         from posi_jax.rl.sampler import SamplingConfig
 
         try:

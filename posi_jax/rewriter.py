@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from posi_jax.data import chat_prompt_ids
 from posi_jax.errors import PosiError
 from posi_jax.prompts import POSI_INSTRUCTION
 from posi_jax.rl.sampler import SamplingConfig, generate
@@ -41,34 +42,21 @@ class Rewriter:
 
     def chat_tokens(self, prompt: str) -> list[int]:
         """Token ids of the chat-formatted request for one prompt (truncating an over-long prompt with a warning)."""
-        if not isinstance(prompt, str):
-            raise PosiError(f"prompt must be a string, got {type(prompt).__name__}")
-        text = prompt.strip()
-        if not text:
-            raise PosiError("empty prompt (nothing but whitespace)")
+        text = check_prompts([prompt])[0].strip()
         ids = self.tokenizer.encode(text)
         if len(ids) > self.max_prompt_tokens:
             warnings.warn(f"prompt of {len(ids)} tokens truncated to {self.max_prompt_tokens}: {text[:40]!r}...",
                           stacklevel=3)
             text = self.tokenizer.decode(ids[: self.max_prompt_tokens])
-        messages = [{"role": "system", "content": self.instruction}, {"role": "user", "content": text}]
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return chat_prompt_ids(self.tokenizer, self.instruction, text)
 
     def rewrite(self, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[str]:
         return [r.rewritten for r in self.rewrite_detailed(prompts, sampling, seed)]
 
     def rewrite_detailed(self, prompts: list[str], sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                          progress=None) -> list[Rewrite]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise PosiError("no prompts given")
-        rows = []
-        for i, p in enumerate(prompts):
-            try:
-                rows.append(self.chat_tokens(p))
-            except PosiError as e:
-                raise PosiError(f"prompt {i + 1}: {e}") from None
+        prompts = check_prompts(prompts)
+        rows = [self.chat_tokens(p) for p in prompts]
         limit = self.model.config.max_position_embeddings
         results: list[Rewrite] = []
         rng = jax.random.key(seed)
@@ -95,9 +83,23 @@ class Rewriter:
         return results
 
 
+def check_prompts(prompts) -> list[str]:
+    """Reject what cannot be rewritten before any model is loaded: no prompts, non-strings, blank prompts."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise PosiError("no prompts given")
+    for i, p in enumerate(prompts, 1):
+        if not isinstance(p, str):
+            raise PosiError(f"prompt {i}: must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise PosiError(f"prompt {i}: empty prompt (nothing but whitespace)")
+    return list(prompts)
+
+
 def clean_response(text: str) -> str:
-    """The rewritten prompt: surrounding whitespace and quotes removed."""
-    text = text.strip()
+    """The rewritten prompt as one line (a T2I prompt): whitespace runs collapsed, surrounding quotes removed."""
+    text = " ".join(text.split())
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text
