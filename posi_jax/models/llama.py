@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from posi_jax.nn.attention import dot_product_attention
+from posi_jax.nn.attention import dot_product_attention, xla_attention
 from posi_jax.nn.linear import Linear
 from posi_jax.nn.norms import RMSNorm
 from posi_jax.nn.rope import apply_rope
@@ -57,13 +57,13 @@ class LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, Hkv, D]
+    k: jax.Array  # [L, B, Hkv, S, D]: heads before slots, the layout the attention matmuls read without a transpose
     v: jax.Array
     valid: jax.Array  # [B, S] bool
 
     @classmethod
     def empty(cls, config: LlamaConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, size, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool))
 
 
@@ -90,13 +90,15 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        if cache is not None:
-            # Update the stacked [L, B, S, Hkv, D] buffers in place (a loop carry XLA can alias), then read layer `layer`.
-            ck = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), (layer, 0, cache_offset, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), (layer, 0, cache_offset, 0, 0))
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask, implementation="xla")
+        else:
+            # Update the stacked [L, B, Hkv, S, D] buffers in place (a loop carry XLA can alias), then read layer `layer`.
+            k, v = (a.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype) for a in (k, v))
+            ck = jax.lax.dynamic_update_slice(cache.k, k, (layer, 0, 0, cache_offset, 0))
+            cv = jax.lax.dynamic_update_slice(cache.v, v, (layer, 0, 0, cache_offset, 0))
             cache = cache._replace(k=ck, v=cv)
-            k, v = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask, implementation="xla")
+            out = xla_attention(q, ck[layer].astype(q.dtype), cv[layer].astype(q.dtype), mask, kv_heads_first=True)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
 
 

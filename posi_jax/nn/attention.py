@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-_NEG_INF = -1e30  # finite, so fully-masked rows give zeros instead of NaN
+_NEG_INF = -1e30  # finite, so a fully-masked row stays finite (no NaN from exp(-inf - -inf))
 
 
 def _expand_kv(k: jax.Array, num_heads: int) -> jax.Array:
@@ -25,14 +25,29 @@ def _expand_kv(k: jax.Array, num_heads: int) -> jax.Array:
     return k if reps == 1 else jnp.repeat(k, reps, axis=2)
 
 
-def xla_attention(q, k, v, mask=None, scale=None):
+def _group_mask(mask, num_kv_heads: int, groups: int):
+    """A mask broadcastable to [B, H, Tq, Tk] as one broadcastable to [B, Hkv, G, Tq, Tk]."""
+    if mask.ndim < 4 or mask.shape[1] == 1:
+        return mask[..., None, :, :] if mask.ndim >= 3 else mask
+    return mask.reshape(mask.shape[0], num_kv_heads, groups, *mask.shape[2:])
+
+
+def xla_attention(q, k, v, mask=None, scale=None, *, kv_heads_first: bool = False):
+    """Materialised-scores attention. Grouped-query heads are handled by reshaping q to [B, Tq, Hkv, G, D] rather
+    than repeating k/v (which would copy the whole cache every decode step). `kv_heads_first`: k/v are laid out
+    [B, Hkv, Tk, D] (the KV cache's layout, which the score and value matmuls read without a transpose)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k, v = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    b, tq, h, d = q.shape
+    hkv = k.shape[1] if kv_heads_first else k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, tq, hkv, g, d)
+    kspec = "bhkd" if kv_heads_first else "bkhd"
+    scores = jnp.einsum(f"bqhgd,{kspec}->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        scores = jnp.where(mask, scores, _NEG_INF)
+        scores = jnp.where(_group_mask(mask, hkv, g), scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+    out = jnp.einsum(f"bhgqk,{kspec}->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, h, d).astype(q.dtype)
 
 
 def blockwise_attention(q, k, v, mask=None, scale=None, q_block: int = 512, kv_block: int = 512):
@@ -81,6 +96,7 @@ def blockwise_attention(q, k, v, mask=None, scale=None, q_block: int = 512, kv_b
 
 
 def dot_product_attention(q, k, v, mask=None, *, scale=None, implementation: str = "auto"):
+    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D]; see the module docstring for `implementation`."""
     if implementation == "auto":
         platform = jax.devices()[0].platform
         if platform == "gpu" and q.dtype in (jnp.float16, jnp.bfloat16) and mask is None:
