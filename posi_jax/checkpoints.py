@@ -1,12 +1,15 @@
-"""Where policy checkpoints come from: the embedded default, a GGUF file, or an HF safetensors folder."""
+"""Where policy checkpoints come from: the embedded default (SmolLM2-135M-Instruct GGUF + the shipped POSI SFT
+adapter), a GGUF file, an HF safetensors folder, a LoRA adapter folder, or an SFT run folder (orbax checkpoints)."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 from posi_jax.errors import PosiError
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent / "assets" / "smollm2_posi_lora"
 
 
 def default_gguf_path() -> Path:
@@ -20,8 +23,9 @@ def default_gguf_path() -> Path:
     return path
 
 
-def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype=None):
-    """(model, tokenizer) from a .gguf file or an HF folder (config.json + *.safetensors + tokenizer.json)."""
+def load_base_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype=None):
+    """(model, tokenizer) from a .gguf file or an HF folder (config.json + *.safetensors + tokenizer.json), no adapter.
+    None: the embedded SmolLM2-135M-Instruct GGUF."""
     import jax.numpy as jnp
 
     from posi_jax.tokenizer import Tokenizer
@@ -30,7 +34,7 @@ def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype
 
     dtype = dtype or jnp.float32
     param_dtype = param_dtype or jnp.float32
-    path = default_gguf_path() if checkpoint is None else Path(checkpoint)
+    path = default_gguf_path() if checkpoint is None else Path(checkpoint).expanduser()
     if not path.exists():
         raise PosiError(f"checkpoint not found: {path}")
     if path.is_file():
@@ -40,3 +44,32 @@ def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype
         return model, Tokenizer.from_gguf(GGUFFile(path))
     model = load_llama_safetensors(path, dtype=dtype, param_dtype=param_dtype)
     return model, Tokenizer.from_folder(path)
+
+
+def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype=None):
+    """(model, tokenizer) for any policy checkpoint.
+
+    None: the embedded SmolLM2-135M-Instruct GGUF with the shipped POSI adapter (posi_jax/assets/smollm2_posi_lora).
+    A folder with adapter_config.json: its base + that LoRA adapter. A folder with sft_config.json: an SFT run (its
+    latest orbax checkpoint). Otherwise a .gguf file or an HF safetensors folder, as is.
+    """
+    from posi_jax.adapters import is_adapter_dir, load_adapter, read_adapter_config
+
+    if checkpoint is None:
+        if not is_adapter_dir(DEFAULT_ADAPTER_DIR):
+            warnings.warn(f"the shipped adapter {DEFAULT_ADAPTER_DIR} is missing: using the base model", stacklevel=2)
+            return load_base_policy(None, dtype=dtype, param_dtype=param_dtype)
+        checkpoint = DEFAULT_ADAPTER_DIR
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and is_adapter_dir(path):
+        model, tokenizer = load_base_policy(read_adapter_config(path).get("base"), dtype=dtype, param_dtype=param_dtype)
+        load_adapter(model, path)
+        model.eval()
+        return model, tokenizer
+    if path.is_dir() and (path / "sft_config.json").is_file():
+        import jax.numpy as jnp
+
+        from posi_jax.sft_trainer import load_run_model
+
+        return load_run_model(path, dtype=dtype or jnp.float32)
+    return load_base_policy(path, dtype=dtype, param_dtype=param_dtype)

@@ -16,7 +16,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m posi_jax.rewrite", description=__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="*", help="prompts to rewrite (else --file, else stdin)")
     ap.add_argument("--file", help="a UTF-8 text file, one prompt per line")
-    ap.add_argument("--checkpoint", help="a .gguf file or an HF safetensors folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--checkpoint", help="a .gguf file, an HF safetensors folder, a LoRA adapter folder or an SFT run folder "
+                         "(default: SmolLM2-135M-Instruct + the shipped POSI adapter)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt (original, rewritten, timing)")
     ap.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     ap.add_argument("--temperature", type=float, default=0.95)

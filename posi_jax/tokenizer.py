@@ -84,6 +84,16 @@ class Tokenizer:
         return cls(backend, bos_id=bos_id, eos_ids=(eos_id,), pad_id=eos_id if pad_id is None else pad_id,
                    chat_template=template, bos_token=bos_token, eos_token=eos_token)
 
+    def save(self, folder: str | Path) -> None:
+        """tokenizer.json + tokenizer_config.json (special tokens, chat template): what `from_folder` reads back."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        cfg = {"eos_token": self.eos_token or self.backend.id_to_token(self.eos_ids[0]),
+               "pad_token": self.backend.id_to_token(self.pad_id), "bos_token": self.bos_token or None,
+               "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
     # ---- text <-> ids ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -120,3 +120,58 @@ def load_llama_safetensors(folder: str | Path, *, dtype=jnp.float32, param_dtype
     st = SafetensorsFolder(folder)
     # transformers writes lm_head.weight even for tied models: the tie makes it the same tensor, so drop it.
     return fill_abstract(_build(cfg, dtype, param_dtype), st.get, st.keys(), hf_rules(cfg), str(folder))
+
+
+# ---- export (the same table, read right to left) ------------------------------------------------------------------
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """transformers' LlamaConfig fields for `cfg` (the inverse of `config_from_hf`)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "torch_dtype": "float32"}
+
+
+def hf_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
+    """{HF key: float32 array} for every parameter, named by `llama_table` (a model with adapters must be merged)."""
+    import re
+
+    rows = []
+    for hf, _, path, transform, _ in llama_table(model.config):
+        if path is None:
+            continue
+        if transform not in (None, transpose):  # the HF column only transposes; anything else needs its inverse
+            raise NotImplementedError(f"no inverse for the transform of {hf}")
+        rows.append((re.compile(re.escape(path).replace(r"\{0\}", r"(\d+)")), hf, transform))
+    out = {}
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        dotted = ".".join(map(str, p))
+        for rx, hf, transform in rows:
+            m = rx.fullmatch(dotted)
+            if m:
+                key = hf.replace(r"(\d+)", "{}").format(*m.groups())
+                array = np.asarray(var.get_value(), np.float32)
+                out[key] = transform(array) if transform is not None else np.ascontiguousarray(array)
+                break
+        else:
+            raise PosiError(f"parameter {dotted!r} has no HF name (merge LoRA adapters before exporting)")
+    return out
+
+
+def save_llama_safetensors(model: LlamaForCausalLM, folder: str | Path, tokenizer=None) -> Path:
+    """An HF folder (config.json + model.safetensors [+ tokenizer files]) that transformers and our loader read."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config_to_hf(model.config)
+    if tokenizer is not None:
+        config.update(eos_token_id=tokenizer.eos_ids[0], pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id)
+        tokenizer.save(folder)
+    save_file(hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

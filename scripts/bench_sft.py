@@ -1,0 +1,164 @@
+"""SFT train-step throughput: our jitted LoRA step (posi_jax.sft_trainer.make_train_step) vs a PyTorch step
+(transformers LlamaForCausalLM + the same LoRA math written by hand: q/v adapters, r, alpha, dropout, AdamW, clip 1.0,
+response-masked token-mean cross entropy), same config, same random batch, on CPU. Prints tokens/s, the ratio,
+compile time (JAX, separately) and the peak RSS of each side (each side runs in its own child process for an honest
+memory number; the parent prints the table).
+
+    python scripts/bench_sft.py                      # SmolLM2-135M shapes, batch 4 x 128, LoRA q,v r8
+    python scripts/bench_sft.py --layers 4 --steps 3 # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def batch_arrays(args, vocab):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, (args.batch, args.seq)).astype(np.int32)
+    attn = np.ones((args.batch, args.seq), bool)
+    loss = np.zeros((args.batch, args.seq), bool)
+    loss[:, args.seq // 2:] = True  # second half = "response"
+    return ids, attn, loss
+
+
+def llama_cfg(args):
+    from posi_jax.models.llama import LlamaConfig
+
+    return LlamaConfig.smollm2_135m().replace(num_layers=args.layers)
+
+
+def run_jax(args) -> dict:
+    import jax
+    import optax
+    from flax import nnx
+
+    from posi_jax.models.llama import LlamaForCausalLM
+    from posi_jax.nn.lora import LoRAParam, add_lora
+    from posi_jax.sft_trainer import make_train_step
+
+    cfg = llama_cfg(args)
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    add_lora(model, ("q_proj", "v_proj"), rank=args.rank, alpha=2 * args.rank, dropout=0.1)
+    model.train()
+    graphdef, trainable, rng, frozen = nnx.split(model, LoRAParam, nnx.RngState, ...)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
+    opt_state = tx.init(trainable)
+    step = make_train_step(graphdef, tx)
+    ids, attn, loss = batch_arrays(args, cfg.vocab_size)
+    t0 = time.perf_counter()
+    trainable, rng, opt_state, m = step(trainable, rng, opt_state, frozen, ids, attn, loss)
+    jax.block_until_ready(m["loss"])
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        trainable, rng, opt_state, m = step(trainable, rng, opt_state, frozen, ids, attn, loss)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    return {"step_s": float(np.median(times)), "first_call_s": first, "loss": float(m["loss"])}
+
+
+def run_torch(args) -> dict:
+    import math
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = llama_cfg(args)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale, drop = 2 * args.rank / args.rank, torch.nn.Dropout(0.1)
+    lora_params = []
+
+    def add(linear):
+        a = torch.nn.Parameter(torch.empty(linear.in_features, args.rank).uniform_(-1, 1) / math.sqrt(linear.in_features))
+        b = torch.nn.Parameter(torch.zeros(args.rank, linear.out_features))
+        lora_params.extend([a, b])
+        base = linear.forward
+        linear.forward = lambda x: base(x) + (drop(x) @ a) @ b * scale
+
+    for layer in model.model.layers:
+        add(layer.self_attn.q_proj)
+        add(layer.self_attn.v_proj)
+    model.train()
+    opt = torch.optim.AdamW(lora_params, lr=1e-4)
+    ids, attn, loss_mask = (torch.from_numpy(x) for x in batch_arrays(args, c.vocab_size))
+    ids, attn = ids.long(), attn.long()
+    target_mask = loss_mask[:, 1:].float()
+
+    def step():
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+        loss = (nll * target_mask).sum() / target_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
+        opt.step()
+        return float(loss)
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {"step_s": float(np.median(times)), "first_call_s": first, "loss": loss,
+            "threads": torch.get_num_threads()}
+
+
+def child(args):
+    out = run_jax(args) if args.side == "jax" else run_torch(args)
+    print("RESULT " + json.dumps(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        return child(args)
+    rows = {}
+    for side in ("jax", "torch"):
+        cmd = [sys.executable, __file__, "--side", side] + [f"--{k}={getattr(args, k)}" for k in
+                                                           ("layers", "batch", "seq", "rank", "steps")]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        line = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        if status != 0 or not line:
+            raise SystemExit(f"{side} side failed (status {status}): {out[-2000:]}")
+        rows[side] = {**json.loads(line[0][7:]), "peak_rss_mib": usage.ru_maxrss / 1024}
+    tokens = args.batch * args.seq
+    print(f"SmolLM2-135M shapes, {args.layers} layers, LoRA q,v r{args.rank}, batch {args.batch} x {args.seq} "
+          f"({tokens} tokens/step), median of {args.steps} steps; load: {os.getloadavg()[0]:.1f}")
+    print("| side | step (s) | tokens/s | first call (s) | peak RSS (MiB) |\n|---|---|---|---|---|")
+    for side, r in rows.items():
+        print(f"| {side} | {r['step_s']:.3f} | {tokens / r['step_s']:.0f} | {r['first_call_s']:.1f} | "
+              f"{r['peak_rss_mib']:.0f} |")
+    print(f"ratio (jax tokens/s ÷ torch tokens/s): {rows['torch']['step_s'] / rows['jax']['step_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# SFT on a TPU VM (single host; run the same command on every host of a multi-host slice).
+#   bash scripts/tpu/train_sft.sh [configs/sft_llama7b_lora.yaml] [key=value ...] [--resume]
+# Needs: an HF LLaMA-7B folder (set base=/path/to/llama-7b-hf) and the POSI pairs (downloaded from the upstream
+# release URL in the config into ~/.cache/posi_jax, or data=/path/to/SFT_toxic_clean.json).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CONFIG="${1:-configs/sft_llama7b_lora.yaml}"
+[ $# -gt 0 ] && shift
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q -U pip
+  .venv/bin/pip install -q -e . "jax[tpu]" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+fi
+.venv/bin/python -c 'import jax; print("devices:", jax.devices())'
+exec .venv/bin/python -m posi_jax.sft --config "$CONFIG" "$@"
