@@ -2,7 +2,9 @@
 
 A mapping table is a list of `Rule(pattern, target, transform)`: `pattern` is a regex over checkpoint keys (full
 match), `target` a dotted parameter path with `{0}`, `{1}` for the regex groups, and `transform` a function applied
-to the numpy array (transpose, reshape, split). Nothing outside posi_jax/weights/ knows checkpoint key names.
+to the numpy array (transpose, reshape, split). One checkpoint tensor that holds several parameters (a fused qkv
+projection) has a tuple of targets and a tuple of transforms, one per target. Nothing outside posi_jax/weights/
+knows checkpoint key names.
 """
 from __future__ import annotations
 
@@ -20,8 +22,21 @@ from posi_jax.errors import PosiError
 @dataclass(frozen=True)
 class Rule:
     pattern: str
-    target: str | None  # None: a key we know and deliberately drop (e.g. rotary inv_freq buffers)
-    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    target: str | tuple[str, ...] | None  # None: a key we know and deliberately drop (e.g. rotary inv_freq buffers)
+    transform: Callable[[np.ndarray], np.ndarray] | tuple[Callable[[np.ndarray], np.ndarray], ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.target, tuple) != isinstance(self.transform, tuple) or (
+                isinstance(self.target, tuple) and len(self.target) != len(self.transform)):
+            raise ValueError(f"Rule {self.pattern!r}: a tuple of targets needs a tuple of transforms of equal length")
+
+    def expand(self, groups: tuple) -> list[tuple[str, "Rule"]]:
+        """(parameter path, single-target rule) for each target, the regex groups filled in."""
+        if self.target is None:
+            return []
+        if isinstance(self.target, str):
+            return [(self.target.format(*groups), self)]
+        return [(t.format(*groups), Rule(self.pattern, t, f)) for t, f in zip(self.target, self.transform)]
 
 
 def transpose(a: np.ndarray) -> np.ndarray:
@@ -37,11 +52,10 @@ def map_checkpoint(keys: Iterable[str], table: list[Rule], source: str) -> tuple
         for rx, rule in compiled:
             m = rx.fullmatch(key)
             if m:
-                if rule.target is not None:
-                    path = rule.target.format(*m.groups())
+                for path, single in rule.expand(m.groups()):
                     if path in mapped:
                         raise PosiError(f"{source}: tensors {mapped[path][0]!r} and {key!r} both map to parameter {path!r}")
-                    mapped[path] = (key, rule)
+                    mapped[path] = (key, single)
                 break
         else:
             unmapped.append(key)

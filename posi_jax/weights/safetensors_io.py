@@ -62,3 +62,17 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise PosiError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_tensor_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of one checkpoint file as numpy ({name: array}, fp16/bf16 widened to fp32): `.safetensors`, or
+    a torch zip file (.bin/.pt/.pth, TorchScript archives too) read without torch."""
+    from posi_jax.weights.torch_pickle import read_torch_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PosiError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        st = SafetensorsFolder(path)
+        return {k: st.get(k) for k in st.keys()}
+    return read_torch_file(str(path))
