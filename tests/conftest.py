@@ -61,3 +61,20 @@ def tiny_llama_folder(tmp_path_factory, smollm2_tokenizer) -> Path:
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory) -> Path:
+    """A tiny random SD v1-style diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json),
+    8x8 latents / 64x64 images, loadable by diffusers' StableDiffusionPipeline and by posi_jax.weights.sd."""
+    from tests.sd_fixtures import build_tiny_sd_folder
+
+    return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd"), "v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_folder(tmp_path_factory) -> Path:
+    """The SD v2-style variant: linear proj_in/proj_out, per-block attention_head_dim, gelu text encoder."""
+    from tests.sd_fixtures import build_tiny_sd_folder
+
+    return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd2"), "v2")

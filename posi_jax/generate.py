@@ -1,0 +1,73 @@
+"""python -m posi_jax.generate — text to image with a local Stable Diffusion folder (diffusers layout).
+
+Writes one PNG per image (OUT/p{prompt:02d}_{image:02d}.png) and OUT/grid.png (a row per prompt), printing each path.
+Bad input prints one `error: ...` line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posi_jax.errors import PosiError
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m posi_jax.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("prompts", nargs="+", help="one or more prompts")
+    ap.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (unet/ vae/ text_encoder/ "
+                                                   "tokenizer/ scheduler/)")
+    ap.add_argument("--out", required=True, help="output folder (created if missing)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=1, help="images per prompt")
+    ap.add_argument("--scheduler", default=None, help="ddim, pndm, dpmpp_2m or euler (default: the folder's own)")
+    ap.add_argument("--negative", default=None, help="negative prompt, used for every prompt (default: empty)")
+    ap.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the model's)")
+    ap.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the model's)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    ap.add_argument("--batch-size", type=int, default=None, help="images per jitted call (default: all)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if not os.path.isdir(args.model):
+            raise PosiError(f"{args.model}: model folder not found")
+        if args.n < 1:
+            raise PosiError(f"--n {args.n}: must be >= 1")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise PosiError(f"--batch-size {args.batch_size}: must be >= 1")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise PosiError(f"cannot create output folder {args.out}: {e.strerror}") from None
+        import jax.numpy as jnp
+        import numpy as np
+
+        from posi_jax.diffusion.pipeline import StableDiffusion, image_grid, save_png, to_uint8
+
+        sd = StableDiffusion.from_folder(args.model, dtype=getattr(jnp, args.dtype), scheduler=args.scheduler)
+        images = sd.generate(args.prompts, args.negative, seed=args.seed, num_images_per_prompt=args.n,
+                             steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                             batch_size=args.batch_size)
+        images = to_uint8(np.asarray(images))
+        paths = []
+        for k, image in enumerate(images):
+            path = os.path.join(args.out, f"p{k // args.n:02d}_{k % args.n:02d}.png")
+            save_png(image, path)
+            paths.append(path)
+        grid = os.path.join(args.out, "grid.png")
+        save_png(image_grid(images, cols=args.n), grid)
+    except PosiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths + [grid]:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

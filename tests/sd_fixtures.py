@@ -1,0 +1,89 @@
+"""Tiny random Stable Diffusion folders in the diffusers layout, written by diffusers/transformers `save_pretrained`.
+
+Used by the `tiny_sd_folder` / `tiny_sd2_folder` session fixtures in tests/conftest.py. Each folder is loadable by
+diffusers' `StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)` and by
+`posi_jax.weights.sd.load_sd_folder`.
+
+v1: SD v1.x-style UNet (conv proj_in/proj_out, `attention_head_dim` = heads per block as one int), quick_gelu text
+    encoder, PNDM scheduler config of SD v1.4.
+v2: SD v2.x-style UNet (linear proj_in/proj_out, per-block `attention_head_dim` list, upcast_attention), gelu text
+    encoder (as OpenCLIP ViT-H), same scheduler.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+TOKENIZER_MERGES = 486  # 256 byte symbols * 2 + merges + SOT/EOT = 1000 tokens
+TEXT_VOCAB = 512 + TOKENIZER_MERGES + 2
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+SCHEDULER_V14 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                     skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, trained_betas=None,
+                     prediction_type="epsilon", timestep_spacing="leading")
+
+UNET_V1 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+               norm_num_groups=8)
+UNET_V2 = dict(UNET_V1, block_out_channels=(32, 64, 64), layers_per_block=2,
+               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+               attention_head_dim=(2, 4, 8), use_linear_projection=True, upcast_attention=True)
+VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+           latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
+TEXT = dict(vocab_size=TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=TEXT_VOCAB - 2,
+            eos_token_id=TEXT_VOCAB - 1, pad_token_id=TEXT_VOCAB - 1, projection_dim=32)
+
+
+def write_clip_tokenizer_folder(folder: Path) -> None:
+    """A CLIP BPE tokenizer folder (vocab.json + merges.txt) from the first merges of open_clip's vocabulary."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")[1:TOKENIZER_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    symbols = [chr(c) for c in cs]
+    symbols = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {s: i for i, s in enumerate(symbols)}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=EOT, model_max_length=77)
+    tok.save_pretrained(str(folder))
+    # transformers 5 writes tokenizer.json only; SD folders on the hub (and our CLIPTokenizer) read these two
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def build_tiny_sd_folder(folder: Path, variant: str = "v1", seed: int = 0) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if variant not in ("v1", "v2"):
+        raise ValueError(variant)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**(UNET_V1 if variant == "v1" else UNET_V2))
+    vae = AutoencoderKL(**VAE)
+    text = CLIPTextModel(CLIPTextConfig(**dict(TEXT, hidden_act="quick_gelu" if variant == "v1" else "gelu")))
+    with torch.no_grad():  # diffusers zero-inits nothing here, but make every tensor non-trivial for parity tests
+        for p in list(unet.parameters()) + list(vae.parameters()):
+            p.add_(0.02 * torch.randn_like(p))
+    write_clip_tokenizer_folder(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=PNDMScheduler(**SCHEDULER_V14), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
