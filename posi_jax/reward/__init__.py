@@ -1,1 +1,1 @@
-
+"""Reward scorers: Q16 toxicity, CLIP score, the POSI reward (one jitted function), NudeNet (evaluation only)."""
