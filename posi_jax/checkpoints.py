@@ -1,5 +1,6 @@
 """Where policy checkpoints come from: the embedded default (SmolLM2-135M-Instruct GGUF + the shipped POSI SFT
-adapter), a GGUF file, an HF safetensors folder, a LoRA adapter folder, or an SFT run folder (orbax checkpoints)."""
+adapter), a GGUF file, an HF safetensors folder, a LoRA adapter folder, or an SFT or PPO run folder (orbax
+checkpoints)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +11,7 @@ from posi_jax.errors import PosiError
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent / "assets" / "smollm2_posi_lora"
+PPO_RUN_CONFIG = "ppo_config.json"  # what marks a PPO run folder (written by posi_jax.rl.trainer.train)
 
 
 def default_gguf_path() -> Path:
@@ -51,7 +53,8 @@ def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype
 
     None: the embedded SmolLM2-135M-Instruct GGUF with the shipped POSI adapter (posi_jax/assets/smollm2_posi_lora).
     A folder with adapter_config.json: its base + that LoRA adapter. A folder with sft_config.json: an SFT run (its
-    latest orbax checkpoint). Otherwise a .gguf file or an HF safetensors folder, as is.
+    latest orbax checkpoint). A folder with ppo_config.json: a PPO run (its SFT policy + the latest checkpoint's PPO
+    adapter or weights). Otherwise a .gguf file or an HF safetensors folder, as is.
     """
     from posi_jax.adapters import is_adapter_dir, load_adapter, read_adapter_config
 
@@ -72,4 +75,17 @@ def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype
         from posi_jax.sft_trainer import load_run_model
 
         return load_run_model(path, dtype=dtype or jnp.float32)
+    if path.is_dir() and (path / PPO_RUN_CONFIG).is_file():
+        from posi_jax.rl.trainer import load_run_policy
+
+        return load_run_policy(path, dtype=dtype, param_dtype=param_dtype)
     return load_base_policy(path, dtype=dtype, param_dtype=param_dtype)
+
+
+def export_policy(checkpoint, out) -> Path:
+    """Any `load_policy` checkpoint as a plain HF safetensors folder (adapters folded in) that transformers reads."""
+    from posi_jax.nn.lora import merge_lora
+    from posi_jax.weights.llama import save_llama_safetensors
+
+    model, tokenizer = load_policy(checkpoint)
+    return save_llama_safetensors(merge_lora(model), out, tokenizer)

@@ -33,12 +33,9 @@ def _merge(argv) -> int:
     ap.add_argument("checkpoint", help="an adapter folder (adapter_config.json) or an SFT run folder")
     ap.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files)")
     args = ap.parse_args(argv)
-    from posi_jax.checkpoints import load_policy
-    from posi_jax.nn.lora import merge_lora
-    from posi_jax.weights.llama import save_llama_safetensors
+    from posi_jax.checkpoints import export_policy
 
-    model, tokenizer = load_policy(args.checkpoint)
-    save_llama_safetensors(merge_lora(model), args.out, tokenizer)
+    export_policy(args.checkpoint, args.out)
     print(args.out)
     return 0
 

@@ -1,0 +1,82 @@
+"""Device mesh with `data` and `fsdp` axes, and the partition specs of parameters and batches.
+
+- Parameters (and anything shaped like them: optimizer moments) are FSDP-sharded: the largest axis divisible by the
+  `fsdp` size is split over `fsdp`, and every array is replicated over `data`. Arrays with no such axis (norm scales,
+  scalars, small LoRA factors) are replicated.
+- Batches are split on their leading axis over both axes (`("data", "fsdp")`), so every device holds distinct rows:
+  FSDP gathers the weights and keeps the batch split, plain data parallelism (fsdp = 1) replicates the weights.
+Works across hosts: arrays are assembled with `jax.make_array_from_callback` from the (identical) host copies.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from posi_jax.errors import PosiError
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A [data, fsdp] mesh over `devices` (default: all); `data=-1` takes every device `fsdp` leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    if fsdp < 1 or (data != -1 and data < 1):
+        raise PosiError(f"mesh: data={data} and fsdp={fsdp} must be ≥ 1 (data may be -1: all remaining devices)")
+    if data == -1:
+        if len(devices) % fsdp:
+            raise PosiError(f"mesh: fsdp={fsdp} does not divide the {len(devices)} devices")
+        data = len(devices) // fsdp
+    if data * fsdp != len(devices):
+        raise PosiError(f"mesh: data={data} x fsdp={fsdp} needs {data * fsdp} devices, there are {len(devices)}")
+    return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> PartitionSpec:
+    """Split the largest axis divisible by `fsdp_size` over `fsdp`; replicate when none is (or fsdp_size is 1)."""
+    if fsdp_size == 1:
+        return PartitionSpec()
+    candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda i: (shape[i], -i))
+    return PartitionSpec(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def param_shardings(tree, mesh: Mesh):
+    """A NamedSharding per array leaf of `tree` (arrays or ShapeDtypeStructs), FSDP rule above."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), tree)
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """Rows split over every device; `leading_axes` unsplit axes first (e.g. [minibatch, accumulation, rows, ...])."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), BATCH_AXES))
+
+
+def check_batch(rows: int, mesh: Mesh, what: str) -> None:
+    if rows % mesh.size:
+        raise PosiError(f"{what} of {rows} rows does not split over the {mesh.size} devices of the mesh "
+                        f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); make it a multiple of {mesh.size}")
+
+
+def put(tree, shardings):
+    """Place host or device arrays with the given shardings (multi-host safe: every host holds the same values)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """A global array as a numpy array on every host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
