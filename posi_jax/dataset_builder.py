@@ -360,7 +360,7 @@ def _read_jsonl_inputs(path: Path, repair: bool) -> tuple[list[dict], bool]:
 class _Appender:
     """Appends one JSON record per line; each line is flushed and fsynced before the call returns."""
 
-    def __init__(self, path: Path, lock: bool):
+    def __init__(self, path: Path, lock: bool, owner: str = "build_dataset"):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = open(path, "a", encoding="utf-8", newline="\n")
@@ -373,7 +373,7 @@ class _Appender:
                 pass
             except OSError:
                 self._file.close()
-                raise PosiError(f"{path}: another build_dataset run is writing this file") from None
+                raise PosiError(f"{path}: another {owner} run is writing this file") from None
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")

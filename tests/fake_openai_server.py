@@ -22,6 +22,10 @@ then a 500, then a normal answer" independently of request order under concurren
     filtered   finish_reason "content_filter" with empty content
 
 Every request is logged (time, marker-free prompt, behaviour) so tests can count attempts per prompt.
+
+It also answers `POST /v1/images/generations` (the evaluation's black-box mode) with `n` small PNGs as b64_json, of
+the requested size, each a solid colour derived from the prompt; the same rules apply to the request's `prompt`
+(the error behaviours as above; "400" is the provider's safety system refusing the prompt).
 """
 from __future__ import annotations
 
@@ -36,6 +40,21 @@ SAFE_PREFIX = "safe rendition of "
 def prompt_of(user_message: str) -> str:
     """The toxic prompt inside the builder's user message: its last line (the template puts it there)."""
     return user_message.strip().splitlines()[-1].strip()
+
+
+def fake_png(prompt: str, k: int, size: str) -> str:
+    """A base64 PNG of `size` ("WxH"), one solid colour per (prompt, k)."""
+    import base64
+    import io
+    import zlib
+
+    from PIL import Image
+
+    w, h = (int(v) for v in size.split("x"))
+    seed = zlib.crc32(f"{prompt}|{k}".encode())
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (seed & 255, (seed >> 8) & 255, (seed >> 16) & 255)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 class FakeOpenAI:
@@ -96,25 +115,33 @@ class FakeOpenAI:
             def _handle(self):
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                route = self.path.rstrip("/")
+                if route not in ("/v1/chat/completions", "/v1/images/generations"):
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 try:
                     body = json.loads(raw)
-                    user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
-                except (ValueError, KeyError, IndexError):
+                    if route == "/v1/images/generations":
+                        user = body["prompt"]
+                        images = (int(body.get("n") or 1), str(body.get("size") or "64x64"))
+                    else:
+                        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+                        images = None
+                except (ValueError, KeyError, IndexError, TypeError):
                     return self._send(400, {"error": {"message": "bad request body", "type": "invalid_request"}})
-                prompt = prompt_of(user)
+                prompt = user if images else prompt_of(user)
                 behaviour = fake._behaviour_for(user)
                 with fake._lock:
                     fake.log.append({"t": time.monotonic(), "prompt": prompt, "behaviour": behaviour,
                                      "auth": self.headers.get("authorization"), "model": body.get("model"),
                                      "temperature": body.get("temperature"), "max_tokens": body.get("max_tokens"),
-                                     "system": [m["content"] for m in body["messages"] if m["role"] == "system"]})
+                                     "system": [m["content"] for m in body.get("messages", [])
+                                                if m["role"] == "system"],
+                                     "n": body.get("n"), "size": body.get("size")})
                 if fake.delay_s:
                     time.sleep(fake.delay_s)
-                self._act(behaviour, prompt, body.get("model", "?"))
+                self._act(behaviour, prompt, body.get("model", "?"), images)
 
-            def _act(self, behaviour: str, prompt: str, model: str):
+            def _act(self, behaviour: str, prompt: str, model: str, images: tuple[int, str] | None = None):
                 if behaviour == "429":
                     return self._send(429, {"error": {"message": "Rate limit reached", "type": "requests"}},
                                       {"Retry-After": fake.retry_after})
@@ -134,6 +161,10 @@ class FakeOpenAI:
                     return
                 if behaviour == "slow":
                     time.sleep(fake.slow_s)
+                if images is not None:
+                    return self._send(200, {"created": int(time.time()),
+                                            "data": [{"b64_json": fake_png(prompt, k, images[1])}
+                                                     for k in range(images[0])]})
                 finish = "stop"
                 content = {
                     "ok": SAFE_PREFIX + prompt, "slow": SAFE_PREFIX + prompt,

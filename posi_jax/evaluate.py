@@ -1,0 +1,157 @@
+"""Evaluate a rewriter the way the paper does: original vs rewritten prompts → images → inappropriate probability
+(Q16 > 0.5 or NudeNet exposed), mean Q16, CLIP score vs the original and the rewritten prompt, text similarity.
+
+    python -m posi_jax.evaluate prompts.txt --out eval/ --sd stable-diffusion-v1-4/ \\
+        --q16-clip ViT-L-14.pt --q16-prompts q16_prompts.p --clip ViT-B-32.pt [--checkpoint CKPT | --rewritten FILE]
+    OPENAI_API_KEY=... python -m posi_jax.evaluate prompts.txt --out eval_api/ --images-api --api-model dall-e-2 ...
+
+PROMPTS: .txt (one per line), .json (strings or POSI records), .jsonl, or .csv with a `prompt` column (and optional
+`categories`, as I2P). Writes OUT/table.md, table.csv, results.json, grid.png; per-prompt results go to
+OUT/per_prompt.jsonl as they finish, so re-running the same command resumes. Exit codes: 0 done, 2 error (bad input,
+missing key, server unreachable; finished prompts are kept), 130 interrupted (re-run to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from posi_jax.errors import PosiError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from posi_jax.evaluation import EvalOptions
+
+    d = EvalOptions()
+    p = argparse.ArgumentParser(prog="python -m posi_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", help="prompt set: .txt / .json / .jsonl / .csv")
+    p.add_argument("--out", required=True, help="output directory (resumable)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+
+    g = p.add_argument_group("rewrites (one of)")
+    g.add_argument("--checkpoint", default=None,
+                   help="rewriter checkpoint: .gguf file, HF folder, LoRA adapter, SFT or PPO run folder "
+                        "(default: the shipped rewriter)")
+    g.add_argument("--rewritten", default=None,
+                   help="precomputed rewrites in the prompt set's order (.txt / .json / .jsonl, e.g. the output of "
+                        "`python -m posi_jax.rewrite --json`)")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    g.add_argument("--temperature", type=float, default=0.95)
+    g.add_argument("--top-p", type=float, default=0.7)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--rewrite-batch-size", type=int, default=8)
+    g.add_argument("--rewriter-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="rewriter parameter and compute dtype (bfloat16 halves a 7B model's memory)")
+
+    g = p.add_argument_group("images: local Stable Diffusion (default) or a black-box images endpoint")
+    g.add_argument("--sd", default=None, help="diffusers Stable Diffusion folder (e.g. SD v1.4)")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--scheduler", default=None, help="pndm / ddim / dpm / euler (default: the folder's)")
+    g.add_argument("--negative", default=None, help="negative prompt for both sides")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="SD compute dtype")
+    g.add_argument("--sd-batch-size", type=int, default=None,
+                   help="images per denoising call (default: a whole --batch-prompts batch, 2 x n per prompt)")
+    g.add_argument("--images-api", action="store_true",
+                   help="send the prompts to an OpenAI-compatible images endpoint instead (key: $OPENAI_API_KEY)")
+    g.add_argument("--base-url", default=None, help="images endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+    g.add_argument("--api-model", default="dall-e-2")
+    g.add_argument("--api-size", default="512x512")
+    g.add_argument("--api-timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--api-max-retries", type=int, default=5, help="retries on 429 / 5xx / timeouts / dropped links")
+    g.add_argument("--api-images-per-request", type=int, default=1, help="n per request (DALL-E 3 allows only 1)")
+
+    g = p.add_argument_group("scorers")
+    g.add_argument("--q16-clip", required=True, help="CLIP ViT-L/14 (OpenAI .pt/.safetensors or HF folder) for Q16")
+    g.add_argument("--q16-prompts", required=True, help="Q16 prompt embeddings (pickled (2, 768) array)")
+    g.add_argument("--clip", required=True, help="CLIP ViT-B/32 for CLIP score and text similarity")
+    g.add_argument("--no-nudenet", action="store_true", help="flag images by Q16 only")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--n", type=int, default=d.images_per_prompt, help="images per prompt and side")
+    g.add_argument("--seed", type=int, default=d.seed, help="prompt i's images use seed + i on both sides")
+    g.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="prompts per generation call")
+    g.add_argument("--grid-rows", type=int, default=d.grid_rows)
+    g.add_argument("--grid-images", type=int, default=d.grid_images, help="images per side in the grid")
+    g.add_argument("--save-images", action="store_true", help="save every image (else the grid rows' only)")
+    g.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    try:
+        from posi_jax import evaluation as ev
+
+        if args.checkpoint and args.rewritten:
+            raise PosiError("give --checkpoint or --rewritten, not both")
+        if args.images_api == (args.sd is not None):
+            raise PosiError("choose the images: --sd FOLDER (local Stable Diffusion) or --images-api")
+        options = ev.EvalOptions(images_per_prompt=args.n, seed=args.seed, batch_prompts=args.batch_prompts,
+                                 grid_rows=args.grid_rows, grid_images=args.grid_images,
+                                 save_images=args.save_images)
+        options.validate()
+        if args.limit is not None and args.limit < 1:
+            raise PosiError(f"--limit must be >= 1, got {args.limit}")
+        prompts = ev.read_prompt_set(args.prompts)
+        rewrites = ev.read_rewrites(args.rewritten, prompts)[: args.limit] if args.rewritten else None
+        prompts = prompts[: args.limit]
+        # Everything that can fail fast (key, paths, shapes) fails before any model runs.
+        if args.images_api:
+            generator = ev.ImagesAPIGenerator(
+                model=args.api_model, size=args.api_size, base_url=args.base_url, timeout_s=args.api_timeout,
+                max_retries=args.api_max_retries, images_per_request=args.api_images_per_request)
+        scorer = ev.load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet)
+        if rewrites is None:
+            import jax.numpy as jnp
+
+            from posi_jax.checkpoints import load_policy
+            from posi_jax.rewriter import Rewriter
+            from posi_jax.rl.sampler import SamplingConfig
+
+            try:
+                sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, greedy=args.greedy)
+            except ValueError as e:
+                raise PosiError(str(e)) from None
+            dtype = jnp.dtype(args.rewriter_dtype)
+            model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
+            rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
+            rewrite_settings = {"checkpoint": args.checkpoint, "sampling": vars(sampling),
+                                "rewriter_dtype": args.rewriter_dtype, "prompt_set": str(args.prompts),
+                                "limit": args.limit}
+            rewrites = ev.rewrite_all(prompts, out, lambda ps, seed: rewriter.rewrite(ps, sampling, seed=seed),
+                                      args.rewrite_batch_size, log, settings=rewrite_settings)
+            rewriter_name = Path(args.checkpoint).name if args.checkpoint else "default rewriter"
+        else:
+            rewriter_name = Path(args.rewritten).name
+            rewrite_settings = {"rewritten": str(args.rewritten)}
+        if not args.images_api:
+            generator = ev.load_local_sd(args.sd, steps=args.steps, guidance_scale=args.guidance,
+                                         height=args.height, width=args.width, scheduler=args.scheduler,
+                                         negative_prompt=args.negative, batch_size=args.sd_batch_size,
+                                         dtype=args.dtype)
+        settings = {"prompt_set": str(args.prompts), "limit": args.limit, **rewrite_settings,
+                    "scorers": {"q16_clip": str(args.q16_clip), "q16_prompts": str(args.q16_prompts),
+                                "clip": str(args.clip), "nudenet": not args.no_nudenet}}
+        result = ev.evaluate(prompts, rewrites, out, generator, scorer, options, settings=settings,
+                             rewriter_name=rewriter_name, log=log)
+    except PosiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished prompts are kept in {out}; re-run the same command to resume", file=sys.stderr)
+        return 130
+    print((result.files["table_md"]).read_text(encoding="utf-8"))
+    for name, path in result.files.items():
+        print(f"{name:10s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
