@@ -4,7 +4,7 @@
 
 INPUT is a .txt (one prompt per line), .json (list of strings or POSI records), .jsonl or .csv (a `prompt` column).
 Pairs are appended to OUT as they finish; re-running the same command resumes where it stopped. Exit codes: 0 done,
-1 error (bad input, no key, server unreachable; finished pairs are kept), 2 some prompts failed after all retries
+2 error (bad input, no key, server unreachable; finished pairs are kept), 3 some prompts failed after all retries
 (re-run to retry them), 130 interrupted by Ctrl-C (re-run to resume).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                                 handle_sigint=True, log=log)
     except PosiError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:  # before the request loop started: nothing was sent
         print("interrupted before any request was sent", file=sys.stderr)
         return 130
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     if summary.n_failed:
         print(f"warning: {summary.n_failed} prompts failed after {args.max_retries + 1} attempts each; "
               "re-run the same command to retry them", file=sys.stderr)
-        return 2
+        return 3
     return 0
 
 

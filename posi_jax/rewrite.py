@@ -1,6 +1,6 @@
 """python -m posi_jax.rewrite — rewrite T2I prompts into safe ones.
 
-Prompts come from arguments, --file (one per line) or stdin. Errors in the input print one line and exit 1.
+Prompts come from arguments, --file (one per line) or stdin. Errors in the input print one line and exit 2.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m posi_jax.rewrite", description=__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="*", help="prompts to rewrite (else --file, else stdin)")
     ap.add_argument("--file", help="a UTF-8 text file, one prompt per line")
-    ap.add_argument("--checkpoint", help="a .gguf file, an HF safetensors folder, a LoRA adapter folder or an SFT run folder "
+    ap.add_argument("--checkpoint", help="a .gguf file, an HF safetensors folder, a LoRA adapter folder, an SFT run folder or a PPO run folder "
                          "(default: SmolLM2-135M-Instruct + the shipped POSI adapter)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt (original, rewritten, timing)")
     ap.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             progress.close()
     except PosiError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     for r in results:
         if args.json:
             print(json.dumps({"original": r.original, "rewritten": r.rewritten, "new_tokens": r.new_tokens,

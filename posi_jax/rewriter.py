@@ -35,7 +35,7 @@ class Rewriter:
     @classmethod
     def load(cls, checkpoint=None, **kwargs) -> "Rewriter":
         """`checkpoint`: None (the embedded SmolLM2-135M-Instruct + the shipped POSI SFT adapter), a .gguf file, an HF
-        safetensors folder, a LoRA adapter folder or an SFT run folder (see `posi_jax.checkpoints.load_policy`)."""
+        safetensors folder, a LoRA adapter folder, an SFT run folder or a PPO run folder (see `posi_jax.checkpoints.load_policy`)."""
         from posi_jax.checkpoints import load_policy
 
         model, tokenizer = load_policy(checkpoint)

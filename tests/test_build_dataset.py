@@ -286,7 +286,7 @@ def test_second_sigint_abandons_requests_in_flight(fake, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI errors (in-process main(): one line on stderr, exit 1)
+# CLI errors (in-process main(): one line on stderr, exit 2)
 # ----------------------------------------------------------------------------------------------------------------
 def run_main(argv, capsys):
     code = cli.main(argv)
@@ -299,7 +299,7 @@ def test_cli_missing_api_key_fails_before_any_work(fake, tmp_path, monkeypatch, 
     out = tmp_path / "o.jsonl"
     code, _, err = run_main([str(prompts_file(tmp_path, ["a"])), "--out", str(out), "--base-url", fake.base_url],
                             capsys)
-    assert code == 1 and err.startswith("error: no API key: set OPENAI_API_KEY") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: no API key: set OPENAI_API_KEY") and err.count("\n") == 1
     assert fake.log == [] and not out.exists()
 
 
@@ -314,7 +314,7 @@ def test_cli_unreachable_server_keeps_partial_results(tmp_path, monkeypatch, cap
                              "--base-url", f"http://127.0.0.1:{port}/v1", "--max-retries", "2",
                              "--backoff-base", "0.01", "--quiet"], capsys)
     print(f"unreachable server reported after {time.monotonic() - t0:.2f} s: {err.strip()}")
-    assert code == 1 and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
     assert f"error: cannot reach http://127.0.0.1:{port}/v1 after 3 attempts" in err
     assert "1 pairs kept" in err and "re-run" in err
     assert read_jsonl(out) == [done]
@@ -334,7 +334,7 @@ def test_cli_invalid_input_file(fake, tmp_path, capsys, name, content, message):
     if content is not None:
         src.write_bytes(content)
     code, _, err = run_main([str(src), "--out", str(tmp_path / "o.jsonl"), "--base-url", fake.base_url], capsys)
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert str(src) in err
     assert re.search(message, err), err
     assert fake.log == []
@@ -350,12 +350,12 @@ def test_cli_file_with_empty_lines_reports_counts(fake, tmp_path, capsys):
     assert "2 pairs" in out and "cost       ~$" in out
 
 
-def test_cli_exit_code_2_when_prompts_failed(fake, tmp_path, capsys):
+def test_cli_exit_code_3_when_prompts_failed(fake, tmp_path, capsys):
     fake.script({"item-b": ["500"]})
     code, _, err = run_main([str(prompts_file(tmp_path, ["item-a x", "item-b y"])), "--out",
                              str(tmp_path / "o.jsonl"), "--base-url", fake.base_url, "--max-retries", "1",
                              "--backoff-base", "0.01", "--quiet"], capsys)
-    assert code == 2 and "1 prompts failed after 2 attempts" in err
+    assert code == 3 and "1 prompts failed after 2 attempts" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
