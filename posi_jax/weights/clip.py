@@ -31,16 +31,12 @@ from posi_jax.models.clip import (
     CLIPVisionConfig,
     CLIPVisionTransformer,
 )
-from posi_jax.weights.common import Rule, fill_abstract, transpose
+from posi_jax.weights.common import Rule, conv_to_hwio, fill_abstract, transpose
 from posi_jax.weights.safetensors_io import SafetensorsFolder, read_json, read_tensor_file
 from posi_jax.weights.torch_pickle import read_torch_file
 
 __all__ = ["HF_TABLE", "OPENAI_TABLE", "clip_rules", "load_clip", "load_clip_text", "load_clip_vision",
            "load_clip_text_encoder", "openai_config_from_state", "read_tensor_file"]
-
-
-def _conv_oihw_to_hwio(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
 
 
 def _qkv_part(i: int, as_kernel: bool):
@@ -80,7 +76,7 @@ HF_TABLE: list[_Row] = [
     ("text", r"text_projection\.weight", "text_projection.kernel", transpose),
     ("vision", r"vision_model\.embeddings\.position_ids", None, None),
     ("vision", r"vision_model\.embeddings\.class_embedding", "class_embedding", None),
-    ("vision", r"vision_model\.embeddings\.patch_embedding\.weight", "patch_embedding", _conv_oihw_to_hwio),
+    ("vision", r"vision_model\.embeddings\.patch_embedding\.weight", "patch_embedding", conv_to_hwio),
     ("vision", r"vision_model\.embeddings\.position_embedding\.weight", "position_embedding", None),
     *_hf_layer_rows("vision"),
     ("vision", r"vision_model\.(pre_layrnorm|post_layernorm)\.(weight|bias)", "{0}.{1}", None),
@@ -113,7 +109,7 @@ OPENAI_TABLE: list[_Row] = [
     *_openai_layer_rows("text", ""),
     ("text", r"ln_final\.(weight|bias)", "final_layer_norm.{0}", None),
     ("text", r"text_projection", "text_projection.kernel", None),  # already [width, embed]: x @ proj
-    ("vision", r"visual\.conv1\.weight", "patch_embedding", _conv_oihw_to_hwio),
+    ("vision", r"visual\.conv1\.weight", "patch_embedding", conv_to_hwio),
     ("vision", r"visual\.class_embedding", "class_embedding", None),
     ("vision", r"visual\.positional_embedding", "position_embedding", None),
     ("vision", r"visual\.ln_pre\.(weight|bias)", "pre_layrnorm.{0}", None),

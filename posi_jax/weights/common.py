@@ -43,6 +43,14 @@ def transpose(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 
 
+def conv_to_hwio(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d weight [out, in, kh, kw] -> JAX kernel [kh, kw, in, out]. A ValueError (not 4-D) lets
+    `fill_abstract` report the tensor's stored shape against the parameter's."""
+    if w.ndim != 4:
+        raise ValueError("not a conv kernel")
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
 def map_checkpoint(keys: Iterable[str], table: list[Rule], source: str) -> tuple[dict[str, tuple[str, Rule]], list[str]]:
     """{param path: (checkpoint key, rule)} and the list of unmapped keys. A path reached twice is an error."""
     compiled = [(re.compile(r.pattern), r) for r in table]

@@ -18,14 +18,8 @@ from flax import nnx
 from posi_jax.errors import PosiError
 from posi_jax.models.unet import UNet2DConditionModel, UNetConfig
 from posi_jax.models.vae import AutoencoderKL, VAEConfig
-from posi_jax.weights.common import Rule, fill_abstract
+from posi_jax.weights.common import Rule, conv_to_hwio, fill_abstract
 from posi_jax.weights.safetensors_io import SafetensorsFolder, read_json, read_tensor_file
-
-
-def conv_to_hwio(w: np.ndarray) -> np.ndarray:
-    if w.ndim != 4:
-        raise ValueError("not a conv kernel")
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
 
 
 def linear_to_kernel(w: np.ndarray) -> np.ndarray:
