@@ -79,10 +79,15 @@ class SFTConfig:
 
 
 def masked_nll(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of -log p(ids[t] | ids[:t]) over positions with loss_mask[t], number of such positions), in fp32."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
+    """(sum of -log p(ids[t] | ids[:t]) over positions with loss_mask[t], number of such positions), in fp32.
+
+    Written as logsumexp(logits) - logit[target] over all T positions, with the targets and the mask shifted left
+    (the last position is masked out), so the [B, T, V] logits are never sliced or turned into log-probabilities."""
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 

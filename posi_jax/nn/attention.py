@@ -33,21 +33,24 @@ def _group_mask(mask, num_kv_heads: int, groups: int):
 
 
 def xla_attention(q, k, v, mask=None, scale=None, *, kv_heads_first: bool = False):
-    """Materialised-scores attention. Grouped-query heads are handled by reshaping q to [B, Tq, Hkv, G, D] rather
-    than repeating k/v (which would copy the whole cache every decode step). `kv_heads_first`: k/v are laid out
-    [B, Hkv, Tk, D] (the KV cache's layout, which the score and value matmuls read without a transpose)."""
+    """Materialised-scores attention. Grouped-query heads are handled by folding each KV head's G query heads into
+    the query-row axis ([B, Hkv, G*Tq, D]) rather than repeating k/v (which would copy the whole cache every decode
+    step); both matmuls are then plain batched matmuls over (B, Hkv), the layout the CPU GEMM kernels want.
+    `kv_heads_first`: k/v are laid out [B, Hkv, Tk, D] (the KV cache's layout, read without a transpose)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, tq, h, d = q.shape
-    hkv = k.shape[1] if kv_heads_first else k.shape[2]
+    if not kv_heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    hkv, tk = k.shape[1], k.shape[2]
     g = h // hkv
-    qg = q.reshape(b, tq, hkv, g, d)
-    kspec = "bhkd" if kv_heads_first else "bkhd"
-    scores = jnp.einsum(f"bqhgd,{kspec}->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    qg = q.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        scores = jnp.where(_group_mask(mask, hkv, g), scores, _NEG_INF)
+        m = jnp.broadcast_to(_group_mask(mask, hkv, g), (b, hkv, g, tq, tk)).reshape(b, hkv, g * tq, tk)
+        scores = jnp.where(m, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(f"bhgqk,{kspec}->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, tq, h, d).astype(q.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d).astype(q.dtype)
 
 
 def blockwise_attention(q, k, v, mask=None, scale=None, q_block: int = 512, kv_block: int = 512):

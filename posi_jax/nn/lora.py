@@ -47,7 +47,7 @@ def _targets(model: nnx.Module, names: tuple[str, ...]):
 def add_lora(model: nnx.Module, targets=("q_proj", "v_proj"), *, rank: int = 8, alpha: float = 16.0,
              dropout: float = 0.1, seed: int = 0) -> nnx.Module:
     """Attach a fresh adapter to every Linear whose attribute name is in `targets` (in place; returns the model)."""
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    rngs = nnx.Rngs(params=seed, dropout=jax.random.key(seed + 1, impl="rbg"))
     found = list(_targets(model, tuple(targets)))
     if not found:
         raise ValueError(f"no Linear layers named {', '.join(targets)} in {type(model).__name__}")
