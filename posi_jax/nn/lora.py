@@ -47,6 +47,8 @@ def _targets(model: nnx.Module, names: tuple[str, ...]):
 def add_lora(model: nnx.Module, targets=("q_proj", "v_proj"), *, rank: int = 8, alpha: float = 16.0,
              dropout: float = 0.1, seed: int = 0) -> nnx.Module:
     """Attach a fresh adapter to every Linear whose attribute name is in `targets` (in place; returns the model)."""
+    # Dropout keys use the "rbg" implementation (XLA's RngBitGenerator): on CPU, threefry's counter hash over the
+    # [tokens, hidden] masks of every adapted layer cost more than the adapters' matmuls.
     rngs = nnx.Rngs(params=seed, dropout=jax.random.key(seed + 1, impl="rbg"))
     found = list(_targets(model, tuple(targets)))
     if not found:
