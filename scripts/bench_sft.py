@@ -1,8 +1,8 @@
 """SFT train-step throughput: our jitted LoRA step (posi_jax.sft_trainer.make_train_step) vs a PyTorch step
 (transformers LlamaForCausalLM + the same LoRA math written by hand: q/v adapters, r, alpha, dropout, AdamW, clip 1.0,
 response-masked token-mean cross entropy), same config, same random batch, on CPU. Prints tokens/s, the ratio,
-compile time (JAX, separately) and the peak RSS of each side (each side runs in its own child process for an honest
-memory number; the parent prints the table).
+compile time (JAX, separately) and the peak RSS of each side. Timing runs both sides in one process with their steps
+interleaved; each side's peak RSS comes from a separate child process that runs that side alone.
 
     python scripts/bench_sft.py                      # SmolLM2-135M shapes, batch 4 x 128, LoRA q,v r8
     python scripts/bench_sft.py --layers 4 --steps 3 # quicker
@@ -34,7 +34,8 @@ def llama_cfg(args):
     return LlamaConfig.smollm2_135m().replace(num_layers=args.layers)
 
 
-def run_jax(args) -> dict:
+def make_jax_step(args):
+    """Build our jitted LoRA train step; returns (step() -> loss, compile-and-first-call seconds)."""
     import jax
     import optax
     from flax import nnx
@@ -52,20 +53,19 @@ def run_jax(args) -> dict:
     opt_state = tx.init(trainable)
     step = make_train_step(graphdef, tx)
     ids, attn, loss = batch_arrays(args, cfg.vocab_size)
+    carry = [trainable, rng, opt_state]
+
+    def run():
+        carry[0], carry[1], carry[2], m = step(*carry, frozen, ids, attn, loss)
+        return float(jax.block_until_ready(m["loss"]))
+
     t0 = time.perf_counter()
-    trainable, rng, opt_state, m = step(trainable, rng, opt_state, frozen, ids, attn, loss)
-    jax.block_until_ready(m["loss"])
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        trainable, rng, opt_state, m = step(trainable, rng, opt_state, frozen, ids, attn, loss)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    return {"step_s": float(np.median(times)), "first_call_s": first, "loss": float(m["loss"])}
+    run()
+    return run, time.perf_counter() - t0
 
 
-def run_torch(args) -> dict:
+def make_torch_step(args):
+    """Build the PyTorch step (transformers + hand-written LoRA); returns (step() -> loss, first-call seconds)."""
     import math
 
     import torch
@@ -112,19 +112,19 @@ def run_torch(args) -> dict:
 
     t0 = time.perf_counter()
     step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    return {"step_s": float(np.median(times)), "first_call_s": first, "loss": loss,
-            "threads": torch.get_num_threads()}
+    return step, time.perf_counter() - t0
+
+
+def make_step(args, side):
+    return make_jax_step(args) if side == "jax" else make_torch_step(args)
 
 
 def child(args):
-    out = run_jax(args) if args.side == "jax" else run_torch(args)
-    print("RESULT " + json.dumps(out))
+    """Memory mode: one side alone in this process, a few steps, so the parent can read its peak RSS."""
+    step, _ = make_step(args, args.side)
+    for _ in range(2):
+        step()
+    print("RESULT {}")
 
 
 def main():
@@ -138,26 +138,41 @@ def main():
     args = ap.parse_args()
     if args.side:
         return child(args)
-    rows = {}
+    import torch
+
+    # Memory first: each side alone in a child process (both models in one process would blur the peaks), started
+    # before this process holds any model (a forked child's peak RSS starts at its parent's size).
+    peak = {}
     for side in ("jax", "torch"):
         cmd = [sys.executable, __file__, "--side", side] + [f"--{k}={getattr(args, k)}" for k in
-                                                           ("layers", "batch", "seq", "rank", "steps")]
+                                                           ("layers", "batch", "seq", "rank")]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
-        line = [l for l in out.splitlines() if l.startswith("RESULT ")]
-        if status != 0 or not line:
+        if status != 0 or "RESULT" not in out:
             raise SystemExit(f"{side} side failed (status {status}): {out[-2000:]}")
-        rows[side] = {**json.loads(line[0][7:]), "peak_rss_mib": usage.ru_maxrss / 1024}
+        peak[side] = usage.ru_maxrss / 1024
+    # Timing: both sides in this process, steps interleaved (ours, torch, ours, torch, ...), so a change in the
+    # machine's speed during the run (a shared VM's neighbours) hits both sides alike.
+    steps, first = {}, {}
+    for side in ("jax", "torch"):
+        steps[side], first[side] = make_step(args, side)
+    times = {"jax": [], "torch": []}
+    for _ in range(args.steps):
+        for side in ("jax", "torch"):
+            t0 = time.perf_counter()
+            steps[side]()
+            times[side].append(time.perf_counter() - t0)
     tokens = args.batch * args.seq
     print(f"SmolLM2-135M shapes, {args.layers} layers, LoRA q,v r{args.rank}, batch {args.batch} x {args.seq} "
-          f"({tokens} tokens/step), median of {args.steps} steps; load: {os.getloadavg()[0]:.1f}")
-    print("| side | step (s) | tokens/s | first call (s) | peak RSS (MiB) |\n|---|---|---|---|---|")
-    for side, r in rows.items():
-        print(f"| {side} | {r['step_s']:.3f} | {tokens / r['step_s']:.0f} | {r['first_call_s']:.1f} | "
-              f"{r['peak_rss_mib']:.0f} |")
-    print(f"ratio (jax tokens/s ÷ torch tokens/s): {rows['torch']['step_s'] / rows['jax']['step_s']:.2f}x")
+          f"({tokens} tokens/step), median of {args.steps} interleaved steps, torch threads {torch.get_num_threads()}; "
+          f"load: {os.getloadavg()[0]:.1f}")
+    print("| side | step (s) | tokens/s | first call (s) | peak RSS alone (MiB) |\n|---|---|---|---|---|")
+    med = {side: float(np.median(t)) for side, t in times.items()}
+    for side in ("jax", "torch"):
+        print(f"| {side} | {med[side]:.3f} | {tokens / med[side]:.0f} | {first[side]:.1f} | {peak[side]:.0f} |")
+    print(f"ratio (jax tokens/s ÷ torch tokens/s): {med['torch'] / med['jax']:.2f}x")
 
 
 if __name__ == "__main__":
