@@ -2,7 +2,8 @@
 (dequantized from the shipped GGUF into both), greedy, 64 new tokens, batch 1 and 8, one process.
 
 EOS is disabled in both so every row produces exactly 64 tokens. Compile time is reported separately (first call);
-steady-state numbers are the best of --repeats runs.
+steady-state numbers are the best of --repeats runs,
+ours and torch interleaved.
 
     .venv/bin/python scripts/bench_generate.py [--new-tokens 64] [--batches 1 8] [--repeats 3]
 """
@@ -48,20 +49,19 @@ def main():
         out = generate(ours, ids, mask, jax.random.key(0), cfg, eos_ids=(), pad_id=tok.pad_id)
         out.tokens.block_until_ready()
         compile_s = time.perf_counter() - t0
-        ours_s = []
-        for _ in range(args.repeats):
+        ours_s, torch_s = [], []
+        for _ in range(args.repeats):  # interleaved, so a change in the machine's speed hits both sides alike
             t0 = time.perf_counter()
             out = generate(ours, ids, mask, jax.random.key(0), cfg, eos_ids=(), pad_id=tok.pad_id)
             out.tokens.block_until_ready()
             ours_s.append(time.perf_counter() - t0)
-        assert int(np.asarray(out.mask).sum()) == b * n
-        torch_s = []
-        with torch.no_grad():
-            for _ in range(args.repeats):
+            with torch.no_grad():
                 t0 = time.perf_counter()
-                ref_out = ref.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                                       max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+                ref_out = ref.generate(torch.tensor(ids, dtype=torch.long),
+                                       attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=n,
+                                       min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
                 torch_s.append(time.perf_counter() - t0)
+        assert int(np.asarray(out.mask).sum()) == b * n
         assert ref_out.shape[1] - ids.shape[1] == n
         same = (ref_out[:, ids.shape[1]:].numpy() == np.asarray(out.tokens)).mean()
         o, t = min(ours_s), min(torch_s)
