@@ -1,9 +1,8 @@
 """Generation throughput: our jitted sampler vs transformers `generate` (torch), same SmolLM2-135M-Instruct weights
 (dequantized from the shipped GGUF into both), greedy, 64 new tokens, batch 1 and 8, one process.
 
-EOS is disabled in both so every row produces exactly 64 tokens. Compile time is reported separately (first call);
-steady-state numbers are the best of --repeats runs,
-ours and torch interleaved.
+EOS is disabled in both (no stopping, no suppression) so every row produces exactly 64 tokens. Compile time is
+reported separately (first call); steady-state numbers are the best of --repeats runs, ours and torch interleaved.
 
     .venv/bin/python scripts/bench_generate.py [--new-tokens 64] [--batches 1 8] [--repeats 3]
 """
@@ -37,6 +36,9 @@ def main():
     path = default_gguf_path()
     ours, tok = load_policy(path)
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # No EOS on the torch side either: without an eos_token_id, generate neither stops early nor suppresses EOS.
+    # (`min_new_tokens` would suppress EOS logits, so a row whose greedy choice is EOS would diverge from ours.)
+    ref.generation_config.eos_token_id = None
     n = args.new_tokens
     cfg = SamplingConfig(max_new_tokens=n, greedy=True)
     print(f"device: {jax.devices()[0].device_kind}, torch threads {torch.get_num_threads()}, new tokens {n}, greedy, fp32")
@@ -59,7 +61,7 @@ def main():
                 t0 = time.perf_counter()
                 ref_out = ref.generate(torch.tensor(ids, dtype=torch.long),
                                        attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=n,
-                                       min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+                                       do_sample=False, pad_token_id=tok.pad_id)
                 torch_s.append(time.perf_counter() - t0)
         assert int(np.asarray(out.mask).sum()) == b * n
         assert ref_out.shape[1] - ids.shape[1] == n
