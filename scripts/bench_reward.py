@@ -7,7 +7,8 @@ ViT-L/14 and ViT-B/32 shapes with random open_clip weights (`--clip small` for s
 Before timing, it checks (assertions) one full-size ViT-L/14 image forward of ours vs open_clip (<= 1e-4 max abs)
 — too slow for the test suite on 2 cores — and that both rewards agree.
 
-Throughput: one warm-up call each (ours: compile time reported separately), then the mean of --repeats calls.
+Throughput: one warm-up call each (ours: compile time reported separately), then the mean of --repeats calls,
+ours and torch interleaved.
 
     .venv/bin/python scripts/bench_reward.py [--prompts 2] [--images 4] [--steps 20] [--repeats 2] [--clip full]
 """
@@ -186,18 +187,16 @@ def main():
         t = time.perf_counter()
         first = ours(prompts).reward
         ours_first = time.perf_counter() - t
-        ours_s = []
-        for _ in range(args.repeats):
+        ref_reward = ref(prompts, latents_nchw)  # warm-up
+        ours_s, torch_s = [], []
+        for _ in range(args.repeats):  # interleaved, so a change in the machine's speed hits both sides alike
             t = time.perf_counter()
             out = ours(prompts)
             ours_s.append(time.perf_counter() - t)
-        np.testing.assert_array_equal(out.reward, first)
-        ref_reward = ref(prompts, latents_nchw)  # warm-up
-        torch_s = []
-        for _ in range(args.repeats):
             t = time.perf_counter()
             ref_reward = ref(prompts, latents_nchw)
             torch_s.append(time.perf_counter() - t)
+        np.testing.assert_array_equal(out.reward, first)
 
     diff = float(np.abs(out.reward - ref_reward).max())
     print(f"rewards ours  {np.round(out.reward, 5).tolist()} (q16 {np.round(out.q16, 4).tolist()}, "
