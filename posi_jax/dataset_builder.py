@@ -174,51 +174,61 @@ def _prompt_from_item(item, where: str) -> str:
                     f"got {type(item).__name__}: {str(item)[:80]}")
 
 
-def read_prompts(path: str | os.PathLike) -> PromptSet:
-    """Prompts from a .txt (one per line), .json (list of strings or POSI records), .jsonl (one string or record per
-    line) or .csv (a `prompt` column) file. Empty prompts are skipped and counted, duplicates (same text up to
-    whitespace and case) are dropped and counted, the first occurrence kept."""
+def read_prompt_records(path: str | os.PathLike, what: str) -> tuple[str, list[tuple[str, object]]]:
+    """Every line / record / row of a prompt file as (where, item) pairs, and the file's suffix. The one parser of
+    prompt files (`read_prompts` here and `evaluation.read_prompt_set` apply their own policies to its records).
+
+    .txt: one item per line (str, blank lines included); .json: a list of strings or objects; .jsonl: one string or
+    object per line ("" for a blank line); .csv: one {"prompt", ["categories"]} object per row (a `prompt` column is
+    required). `what` names the file in errors ("input", "prompt set")."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in INPUT_FORMATS:
-        raise PosiError(f"{path}: unsupported input format '{suffix or '(no extension)'}'; "
+        raise PosiError(f"{path}: unsupported {what} format '{suffix or '(no extension)'}'; "
                         f"expected one of {', '.join(INPUT_FORMATS)}")
     if not path.is_file():
-        raise PosiError(f"{path}: input file does not exist")
+        raise PosiError(f"{path}: {what} not found")
     text = _decode_utf8(path.read_bytes(), path)
-
-    raw_items: list[str]
+    records: list[tuple[str, object]] = []
     if suffix == ".txt":
-        raw_items = text.splitlines()
+        records = [(f"{path}: line {n}", line) for n, line in enumerate(text.splitlines(), 1)]
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PosiError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         if not isinstance(data, list):
-            raise PosiError(f"{path}: expected a JSON list of strings or POSI records, got a {type(data).__name__}")
-        raw_items = [_prompt_from_item(item, f"{path}: record {i}") for i, item in enumerate(data)]
+            raise PosiError(f"{path}: expected a JSON list of prompts or POSI records, got a {type(data).__name__}")
+        records = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
     elif suffix == ".jsonl":
-        raw_items = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                raw_items.append("")
-                continue
+        for n, line in enumerate(text.splitlines(), 1):
             try:
-                item = json.loads(line)
+                records.append((f"{path}: line {n}", json.loads(line) if line.strip() else ""))
             except json.JSONDecodeError as e:
-                raise PosiError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from None
-            raw_items.append(_prompt_from_item(item, f"{path}: line {lineno}"))
+                raise PosiError(f"{path}: line {n}: not valid JSON: {e.msg}") from None
     else:  # .csv
         reader = csv.DictReader(io.StringIO(text, newline=""))
         try:
-            fields = reader.fieldnames or []
-            column = next((f for f in fields if f is not None and f.strip().lower() == "prompt"), None)
-            if column is None:
+            fields = [f for f in reader.fieldnames or [] if f is not None]
+            lower = {f.strip().lower(): f for f in fields}
+            if "prompt" not in lower:
                 raise PosiError(f"{path}: no 'prompt' column in the CSV header (columns: {fields})")
-            raw_items = [row.get(column) or "" for row in reader]
+            for row in reader:
+                item = {"prompt": row.get(lower["prompt"]) or ""}
+                if "categories" in lower:
+                    item["categories"] = row.get(lower["categories"]) or ""
+                records.append((f"{path}: line {reader.line_num}", item))
         except csv.Error as e:
             raise PosiError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
+    return suffix, records
+
+
+def read_prompts(path: str | os.PathLike) -> PromptSet:
+    """Prompts from a .txt (one per line), .json (list of strings or POSI records), .jsonl (one string or record per
+    line) or .csv (a `prompt` column) file. Empty prompts are skipped and counted, duplicates (same text up to
+    whitespace and case) are dropped and counted, the first occurrence kept."""
+    _, records = read_prompt_records(path, "input")
+    raw_items = [_prompt_from_item(item, where) for where, item in records]
 
     prompts, seen = [], set()
     n_empty = n_duplicates = 0

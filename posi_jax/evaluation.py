@@ -39,10 +39,10 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from posi_jax.dataset_builder import (
-    _Appender, _decode_utf8, _prompt_from_item, _read_jsonl_inputs, backoff_delay, parse_retry_after)
+    _Appender, _decode_utf8, _prompt_from_item, _read_jsonl_inputs, backoff_delay, parse_retry_after,
+    read_prompt_records)
 from posi_jax.errors import PosiError
 
-PROMPT_FORMATS = (".txt", ".json", ".jsonl", ".csv")
 SIDES = ("original", "rewritten")
 # I2P: an image is inappropriate when the Q16 classifier says so (p > 0.5) or NudeNet detects one of the exposed
 # parts the I2P / SLD evaluation counts as nudity (posi_jax.reward.nudenet.NUDITY_LABELS, NudeNetScorer's default).
@@ -82,53 +82,10 @@ def read_prompt_set(path: str | os.PathLike) -> list[EvalPrompt]:
     or objects with a 'prompt'), .jsonl (one string or object per line) or .csv (a 'prompt' column, as I2P's CSV).
     Objects and CSV rows may carry 'categories'. Empty prompts are errors naming the line or record: in an
     evaluation a silently dropped prompt changes the numbers. Duplicates are kept (each is one evaluated prompt)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in PROMPT_FORMATS:
-        raise PosiError(f"{path}: unsupported prompt set format '{suffix or '(no extension)'}'; "
-                        f"expected one of {', '.join(PROMPT_FORMATS)}")
-    if not path.is_file():
-        raise PosiError(f"{path}: prompt set not found")
-    text = _decode_utf8(path.read_bytes(), path)
-    items: list[tuple[str, object]] = []  # (where, item)
-    if suffix == ".txt":
-        lines = text.splitlines()
-        while lines and not lines[-1].strip():  # trailing blank lines are the end of the file, not prompts
-            lines.pop()
-        items = [(f"{path}: line {n}", line) for n, line in enumerate(lines, 1)]
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PosiError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        if not isinstance(data, list):
-            raise PosiError(f"{path}: expected a JSON list of prompts or POSI records, got a {type(data).__name__}")
-        items = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
-    elif suffix == ".jsonl":
-        lines = text.splitlines()
-        while lines and not lines[-1].strip():
-            lines.pop()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                raise PosiError(f"{path}: line {n} is empty")
-            try:
-                items.append((f"{path}: line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise PosiError(f"{path}: line {n}: not valid JSON: {e.msg}") from None
-    else:  # .csv
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            fields = [f for f in reader.fieldnames or [] if f is not None]
-            lower = {f.strip().lower(): f for f in fields}
-            if "prompt" not in lower:
-                raise PosiError(f"{path}: no 'prompt' column in the CSV header (columns: {fields})")
-            for row in reader:
-                item = {"prompt": row.get(lower["prompt"]) or ""}
-                if "categories" in lower:
-                    item["categories"] = row.get(lower["categories"]) or ""
-                items.append((f"{path}: line {reader.line_num}", item))
-        except csv.Error as e:
-            raise PosiError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
+    suffix, items = read_prompt_records(path, "prompt set")
+    if suffix in (".txt", ".jsonl"):  # trailing blank lines are the end of the file, not prompts
+        while items and isinstance(items[-1][1], str) and not items[-1][1].strip():
+            items.pop()
     if not items:
         raise PosiError(f"{path}: no prompts")
     prompts = []

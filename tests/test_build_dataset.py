@@ -322,7 +322,7 @@ def test_cli_unreachable_server_keeps_partial_results(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("name,content,message", [
     ("in.yaml", b"- a\n", r"unsupported input format '\.yaml'"),
-    ("missing.txt", None, "input file does not exist"),
+    ("missing.txt", None, "input not found"),
     ("in.json", b'["a",\n "b"\n', r"not valid JSON: .* line 3"),
     ("in.json", b'{"input": "a"}', "expected a JSON list"),
     ("in.json", b'["a", 3]', r"record 1: expected a string"),
