@@ -1,6 +1,6 @@
 """LLaMA-family causal LM in Flax NNX (SmolLM2-135M, LLaMA-7B, ...), with a fixed-size KV cache and a value head.
 
-Cache layout (one per layer, stacked): k/v [L, B, S, Hkv, D]; `valid` [B, S] marks slots that hold real tokens, so
+Cache layout (one per layer, stacked): k/v [L, B, Hkv, S, D]; `valid` [B, S] marks slots that hold real tokens, so
 left-padded batches never attend to padding. A token in slot s may attend slot s' iff s' <= s and valid[s'].
 Positions come from the caller (left padding: position = index among the row's real tokens).
 """
