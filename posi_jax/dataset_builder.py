@@ -174,18 +174,20 @@ def _prompt_from_item(item, where: str) -> str:
                     f"got {type(item).__name__}: {str(item)[:80]}")
 
 
-def read_prompt_records(path: str | os.PathLike, what: str) -> tuple[str, list[tuple[str, object]]]:
+def read_prompt_records(path: str | os.PathLike, what: str, formats: tuple[str, ...] = INPUT_FORMATS
+                        ) -> tuple[str, list[tuple[str, object]]]:
     """Every line / record / row of a prompt file as (where, item) pairs, and the file's suffix. The one parser of
     prompt files (`read_prompts` here and `evaluation.read_prompt_set` apply their own policies to its records).
 
     .txt: one item per line (str, blank lines included); .json: a list of strings or objects; .jsonl: one string or
     object per line ("" for a blank line); .csv: one {"prompt", ["categories"]} object per row (a `prompt` column is
-    required). `what` names the file in errors ("input", "prompt set")."""
+    required). `what` names the file in errors ("input", "prompt set", "rewrites"); `formats` restricts the suffixes.
+    Trailing blank lines of .txt/.jsonl come back as records too (`drop_trailing_blank` removes them)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in INPUT_FORMATS:
+    if suffix not in formats:
         raise PosiError(f"{path}: unsupported {what} format '{suffix or '(no extension)'}'; "
-                        f"expected one of {', '.join(INPUT_FORMATS)}")
+                        f"expected one of {', '.join(formats)}")
     if not path.is_file():
         raise PosiError(f"{path}: {what} not found")
     text = _decode_utf8(path.read_bytes(), path)
@@ -198,7 +200,7 @@ def read_prompt_records(path: str | os.PathLike, what: str) -> tuple[str, list[t
         except json.JSONDecodeError as e:
             raise PosiError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         if not isinstance(data, list):
-            raise PosiError(f"{path}: expected a JSON list of prompts or POSI records, got a {type(data).__name__}")
+            raise PosiError(f"{path}: expected a JSON list of strings or objects, got a {type(data).__name__}")
         records = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
     elif suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
@@ -221,6 +223,15 @@ def read_prompt_records(path: str | os.PathLike, what: str) -> tuple[str, list[t
         except csv.Error as e:
             raise PosiError(f"{path}: line {reader.line_num}: malformed CSV: {e}") from None
     return suffix, records
+
+
+def drop_trailing_blank(suffix: str, records: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The records without the trailing blank lines of a .txt/.jsonl file (the end of the file, not entries)."""
+    records = list(records)
+    if suffix in (".txt", ".jsonl"):
+        while records and isinstance(records[-1][1], str) and not records[-1][1].strip():
+            records.pop()
+    return records
 
 
 def read_prompts(path: str | os.PathLike) -> PromptSet:

@@ -39,7 +39,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from posi_jax.dataset_builder import (
-    _Appender, _decode_utf8, _prompt_from_item, _read_jsonl_inputs, backoff_delay, parse_retry_after,
+    _Appender, _prompt_from_item, _read_jsonl_inputs, backoff_delay, drop_trailing_blank, parse_retry_after,
     read_prompt_records)
 from posi_jax.errors import PosiError
 
@@ -82,10 +82,7 @@ def read_prompt_set(path: str | os.PathLike) -> list[EvalPrompt]:
     or objects with a 'prompt'), .jsonl (one string or object per line) or .csv (a 'prompt' column, as I2P's CSV).
     Objects and CSV rows may carry 'categories'. Empty prompts are errors naming the line or record: in an
     evaluation a silently dropped prompt changes the numbers. Duplicates are kept (each is one evaluated prompt)."""
-    suffix, items = read_prompt_records(path, "prompt set")
-    if suffix in (".txt", ".jsonl"):  # trailing blank lines are the end of the file, not prompts
-        while items and isinstance(items[-1][1], str) and not items[-1][1].strip():
-            items.pop()
+    items = drop_trailing_blank(*read_prompt_records(path, "prompt set"))
     if not items:
         raise PosiError(f"{path}: no prompts")
     prompts = []
@@ -102,35 +99,7 @@ def read_rewrites(path: str | os.PathLike, prompts: Sequence[EvalPrompt]) -> lis
     """Precomputed rewrites, in the prompt set's order: .txt (one per line), .json (a list of strings, or POSI
     records / objects with 'output' or 'rewritten'), or .jsonl (e.g. `python -m posi_jax.rewrite --json` output).
     Where a record names its original ('input' / 'original'), it must be the prompt at that position."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".json", ".jsonl"):
-        raise PosiError(f"{path}: unsupported rewrites format '{suffix or '(no extension)'}'; "
-                        "expected .txt, .json or .jsonl")
-    if not path.is_file():
-        raise PosiError(f"{path}: rewrites file not found")
-    text = _decode_utf8(path.read_bytes(), path)
-    items: list[tuple[str, object]] = []
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PosiError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        if not isinstance(data, list):
-            raise PosiError(f"{path}: expected a JSON list of rewrites, got a {type(data).__name__}")
-        items = [(f"{path}: record {i}", item) for i, item in enumerate(data)]
-    else:
-        lines = text.splitlines()
-        while lines and not lines[-1].strip():
-            lines.pop()
-        for n, line in enumerate(lines, 1):
-            if suffix == ".txt" or not line.strip():
-                items.append((f"{path}: line {n}", line))
-                continue
-            try:
-                items.append((f"{path}: line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise PosiError(f"{path}: line {n}: not valid JSON: {e.msg}") from None
+    items = drop_trailing_blank(*read_prompt_records(path, "rewrites", formats=(".txt", ".json", ".jsonl")))
     if len(items) != len(prompts):
         raise PosiError(f"{path}: {len(items)} rewrites for {len(prompts)} prompts; they must pair up in order")
     rewrites = []
