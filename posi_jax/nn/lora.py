@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from posi_jax.nn.dropout import HashDropout
 from posi_jax.nn.linear import Linear
 
 
@@ -30,7 +31,7 @@ class LoRA(nnx.Module):
         self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound))
         self.lora_b = LoRAParam(jnp.zeros((rank, out_features), param_dtype))
         self.scale = alpha / rank
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.dropout = HashDropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
@@ -47,8 +48,8 @@ def _targets(model: nnx.Module, names: tuple[str, ...]):
 def add_lora(model: nnx.Module, targets=("q_proj", "v_proj"), *, rank: int = 8, alpha: float = 16.0,
              dropout: float = 0.1, seed: int = 0) -> nnx.Module:
     """Attach a fresh adapter to every Linear whose attribute name is in `targets` (in place; returns the model)."""
-    # Dropout keys use the "rbg" implementation (XLA's RngBitGenerator): on CPU, threefry's counter hash over the
-    # [tokens, hidden] masks of every adapted layer cost more than the adapters' matmuls.
+    # The masks come from nn/dropout.HashDropout, which draws 64 bits per call from this stream. The stream's keys are
+    # "rbg" keys (XLA's RngBitGenerator), as in earlier versions, so their saved dropout state still restores.
     rngs = nnx.Rngs(params=seed, dropout=jax.random.key(seed + 1, impl="rbg"))
     found = list(_targets(model, tuple(targets)))
     if not found:
