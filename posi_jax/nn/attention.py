@@ -7,8 +7,12 @@ Implementations:
   "xla"        materialises the [B, H, Tq, Tk] scores: best for short sequences (LM decode, CLIP, cross-attention).
   "blockwise"  online softmax over key blocks (flash-style), query blocks scanned too: on CPU the materialised
                scores of SD's 4096-token self-attention fall out of cache, and the exp over them dominates.
+  "chunked"    "xla" one group of batch rows at a time (a loop over groups), each group's scores at most
+               `_CHUNK_SCORES` elements: on CPU, 8 images x 16 heads of ViT-L/14's 257-token scores (34 MB) ran
+               at half the per-score speed of 2 images at a time.
   "cudnn"      jax.nn.dot_product_attention's fused GPU kernel.
-  "auto"       blockwise for long key sequences on CPU, cudnn on GPU where it applies, else xla.
+  "auto"       on CPU: blockwise for long key sequences, chunked where the scores of the whole batch are large,
+               else xla; on GPU: cudnn where it applies, else xla.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 _NEG_INF = -1e30  # finite, so a fully-masked row stays finite (no NaN from exp(-inf - -inf))
+_CHUNK_SCORES = 1 << 21  # scores per group in "chunked" (8 MiB of fp32), about where XLA:CPU's per-score cost jumps
 
 
 def _expand_kv(k: jax.Array, num_heads: int) -> jax.Array:
@@ -99,6 +104,22 @@ def blockwise_attention(q, k, v, mask=None, scale=None, q_block: int = 1024, kv_
     return out.reshape(b, h, tq, d).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def chunked_attention(q, k, v, mask=None, scale=None, max_scores: int = _CHUNK_SCORES):
+    """`xla_attention` over groups of batch rows, one group at a time (`lax.map`), the group the largest divisor
+    of B whose scores [g, H, Tq, Tk] hold at most `max_scores` elements (at least one row)."""
+    b, tq, h, _ = q.shape
+    per_row = h * tq * k.shape[1]
+    g = max([d for d in range(1, b + 1) if b % d == 0 and d * per_row <= max_scores] or [1])
+    if g == b:
+        return xla_attention(q, k, v, mask, scale)
+    groups = lambda a: a.reshape(b // g, g, *a.shape[1:])  # noqa: E731
+    if mask is None or mask.ndim < 4 or mask.shape[0] == 1:  # shared by every row: closed over, not split
+        out = jax.lax.map(lambda qkv: xla_attention(*qkv, mask, scale), (groups(q), groups(k), groups(v)))
+    else:
+        out = jax.lax.map(lambda qkvm: xla_attention(*qkvm, scale), (groups(q), groups(k), groups(v), groups(mask)))
+    return out.reshape(q.shape)
+
+
 def dot_product_attention(q, k, v, mask=None, *, scale=None, implementation: str = "auto"):
     """q [B, Tq, H, D], k/v [B, Tk, Hkv, D]; see the module docstring for `implementation`."""
     if implementation == "auto":
@@ -107,12 +128,16 @@ def dot_product_attention(q, k, v, mask=None, *, scale=None, implementation: str
             implementation = "cudnn"
         elif platform == "cpu" and k.shape[1] >= 1024:
             implementation = "blockwise"
+        elif platform == "cpu" and q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] > _CHUNK_SCORES:
+            implementation = "chunked"
         else:
             implementation = "xla"
     if implementation == "xla":
         return xla_attention(q, k, v, mask, scale)
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, mask, scale)
+    if implementation == "chunked":
+        return chunked_attention(q, k, v, mask, scale)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-    raise ValueError(f"unknown attention implementation {implementation!r} (xla, blockwise, cudnn, auto)")
+    raise ValueError(f"unknown attention implementation {implementation!r} (xla, blockwise, chunked, cudnn, auto)")

@@ -4,7 +4,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from posi_jax.nn.attention import blockwise_attention, dot_product_attention, xla_attention
+import posi_jax.nn.attention as attention
+from posi_jax.nn.attention import blockwise_attention, chunked_attention, dot_product_attention, xla_attention
 from tests.conftest import max_abs
 
 
@@ -55,6 +56,35 @@ def test_blockwise_matches_reference_with_mask():
     ref = numpy_attention(q, k, v, mask)
     out = blockwise_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), q_block=16, kv_block=32)
     assert max_abs(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "shared", "per_row"])
+@pytest.mark.parametrize("max_scores", [1, 2 * 6 * 8 * 12, 10 ** 9])  # groups of 1 row, of 2 rows (of 6), all 6 rows
+def test_chunked_matches_reference_per_group(mask_kind, max_scores):
+    q, k, v = _inputs(b=6, tq=8, tk=12, hkv=2)
+    mask = None
+    if mask_kind == "shared":  # [1, 1, Tq, Tk]: one mask closed over by every group
+        mask = np.random.default_rng(3).random((1, 1, 8, 12)) > 0.3
+    elif mask_kind == "per_row":  # [B, H, Tq, Tk]: each group must get its own rows of the mask
+        mask = np.random.default_rng(4).random((6, 6, 8, 12)) > 0.3
+    if mask is not None:
+        mask[..., 0] = True
+    ref = numpy_attention(q, k, v, mask)
+    out = chunked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                            None if mask is None else jnp.asarray(mask), max_scores=max_scores)
+    assert max_abs(out, ref) < 1e-5
+
+
+def test_auto_picks_chunked_for_large_batched_scores_on_cpu(monkeypatch):
+    q, k, v = _inputs(b=4, tq=8, tk=8, hkv=6)
+    calls = []
+    monkeypatch.setattr(attention, "chunked_attention", lambda *a, **kw: calls.append(1) or xla_attention(*a, **kw))
+    monkeypatch.setattr(attention, "_CHUNK_SCORES", 4 * 6 * 8 * 8 - 1)  # the whole batch's scores exceed it
+    dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    assert calls == [1]
+    monkeypatch.setattr(attention, "_CHUNK_SCORES", 4 * 6 * 8 * 8)  # they fit: plain xla
+    dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    assert calls == [1]
 
 
 def test_fully_masked_row_is_finite_not_nan():
