@@ -55,6 +55,10 @@ class RewardConfig:
     # Quantise images to 8 bits before and inside the CLIP resize, as upstream's PIL path does (clip_preprocess's
     # emulate_uint8). False: a smooth function of the images (no rounding anywhere).
     uint8_round_trip: bool = True
+    # Prompts per jitted call (None: all at once). Peak memory grows with the images in one call (the VAE decoder
+    # alone holds ~1 GiB of fp32 activations per 512x512 image on CPU), so a PPO batch of 64 prompts x 10 images
+    # needs chunks; each chunk has the same shape (the last is padded), so one compilation serves them all.
+    prompt_batch: int | None = None
 
     def __post_init__(self):
         if self.alignment_text not in ALIGNMENT_TEXTS:
@@ -65,6 +69,9 @@ class RewardConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PosiError(f"RewardConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.prompt_batch is not None and (not isinstance(self.prompt_batch, int) or
+                                              isinstance(self.prompt_batch, bool) or self.prompt_batch < 1):
+            raise PosiError(f"RewardConfig.prompt_batch must be None or an integer >= 1, got {self.prompt_batch!r}")
         if not np.isfinite(self.w) or not np.isfinite(self.cap):
             raise PosiError(f"RewardConfig: w={self.w!r} and cap={self.cap!r} must be finite")
 
@@ -204,6 +211,21 @@ class PosiReward:
         c = self.config
         cond, uncond, latents, text_ids = self.inputs(rewritten, original)
         self._calls += 1
+        num_prompts, n = text_ids.shape[0], c.images_per_prompt
+        per_call = num_prompts if c.prompt_batch is None else min(c.prompt_batch, num_prompts)
+        chunks = []
+        for start in range(0, num_prompts, per_call):
+            # every call gets `per_call` prompts (the last chunk repeats its final prompt), dropped after the call
+            rows = np.minimum(np.arange(start, start + per_call), num_prompts - 1)
+            images = (rows[:, None] * n + np.arange(n)).reshape(-1)
+            out = self._call_jit(cond[images], uncond[images], latents[jnp.asarray(images)], text_ids[rows],
+                                 return_images)
+            keep = min(per_call, num_prompts - start)
+            chunks.append({k: np.asarray(v)[:keep * n if k == "images" else keep] for k, v in out.items()})
+        return RewardOutput(**{k: np.concatenate([ch[k] for ch in chunks]) for k in chunks[0]})
+
+    def _call_jit(self, cond, uncond, latents, text_ids, return_images: bool) -> dict:
+        c = self.config
         num_images = cond.shape[0]
         if self.mesh is not None:  # pad the images to split evenly; the padding is dropped inside the jit
             pad = -num_images % self.mesh.shape[DATA_AXIS]
@@ -212,9 +234,8 @@ class PosiReward:
                 latents = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, 0)])
             cond, uncond, latents = jax.device_put((jnp.asarray(cond), jnp.asarray(uncond), latents),
                                                    NamedSharding(self.mesh, P(DATA_AXIS)))
-        out = _reward_jit(self._graphdefs, self._states, self._q16_prompts, jnp.asarray(cond), jnp.asarray(uncond),
-                          latents, jnp.asarray(text_ids), sched=self.sched, num_steps=c.steps,
-                          guidance_scale=float(c.guidance_scale), images_per_prompt=c.images_per_prompt,
-                          num_images=num_images, w=float(c.w), cap=float(c.cap),
-                          uint8_round_trip=bool(c.uint8_round_trip), return_images=bool(return_images))
-        return RewardOutput(**{k: np.asarray(v) for k, v in out.items()})
+        return _reward_jit(self._graphdefs, self._states, self._q16_prompts, jnp.asarray(cond), jnp.asarray(uncond),
+                           latents, jnp.asarray(text_ids), sched=self.sched, num_steps=c.steps,
+                           guidance_scale=float(c.guidance_scale), images_per_prompt=c.images_per_prompt,
+                           num_images=num_images, w=float(c.w), cap=float(c.cap),
+                           uint8_round_trip=bool(c.uint8_round_trip), return_images=bool(return_images))

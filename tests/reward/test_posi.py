@@ -11,7 +11,7 @@ from posi_jax.config import load_config
 from posi_jax.errors import PosiError
 from posi_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionTransformer
 from posi_jax.reward.clip_score import clip_score
-from posi_jax.reward.posi import PosiReward, RewardConfig, posi_reward_formula, score_images
+from posi_jax.reward.posi import PosiReward, RewardConfig, RewardOutput, posi_reward_formula, score_images
 from posi_jax.reward.preprocess import clip_preprocess
 from posi_jax.reward.q16 import q16_inappropriate_prob
 
@@ -136,6 +136,23 @@ def test_seed_policies(reward, tiny_sd, tiny_clips):
     assert np.abs(latents(dataclasses.replace(per_prompt, seed=1), PROMPTS) - x).max() > 0.1
 
 
+def test_prompt_batches_equal_one_call(tiny_sd, tiny_clips):
+    """prompt_batch=2 over 3 prompts: two jitted calls, the second padded with a repeat of its last prompt. Every
+    prompt has its own noise (per_prompt seeds), so a prompt scored with another's rows would show."""
+    cfg = dataclasses.replace(CFG, seed_policy="per_prompt")
+    whole = PosiReward(tiny_sd, *tiny_clips, cfg, mesh=None)(PROMPTS, return_images=True)
+    batched = PosiReward(tiny_sd, *tiny_clips, dataclasses.replace(cfg, prompt_batch=2), mesh=None)(
+        PROMPTS, return_images=True)
+    assert batched.images.shape == whole.images.shape and batched.images.shape[0] == 3 * cfg.images_per_prompt
+    assert batched.q16_per_image.shape == (3, cfg.images_per_prompt)
+    for field in RewardOutput._fields:
+        np.testing.assert_allclose(getattr(batched, field), getattr(whole, field), atol=1e-5, err_msg=field)
+    assert np.abs(whole.images[0] - whole.images[2]).max() > 0.05  # the check above could tell prompts apart
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(PosiError, match="prompt_batch"):
+            RewardConfig(prompt_batch=bad)
+
+
 def test_bad_inputs(reward, tiny_sd, tiny_clips):
     q16_vision, q16_prompts, clip, tok = tiny_clips
     with pytest.raises(PosiError, match="empty prompt list"):
@@ -199,6 +216,12 @@ err = max(np.abs(a.reward - b.reward).max(), np.abs(a.q16_per_image - b.q16_per_
           np.abs(a.clip_per_image - b.clip_per_image).max())
 print(f"sharded vs single device: max abs {err:.2e}")
 assert err <= 1e-5, err
+# two prompts per call, each call split over the 2 devices; the last call's second prompt is padding
+chunked = PosiReward(sd, q16, prompts, clip, CLIPTokenizer.from_open_clip(), RewardConfig(
+    images_per_prompt=1, steps=2, seed_policy="fixed", uint8_round_trip=False, prompt_batch=2))(texts)
+err = np.abs(chunked.reward - b.reward).max()
+print(f"sharded in prompt batches of 2 vs single device: max abs {err:.2e}")
+assert chunked.reward.shape == (3,) and err <= 1e-5, err
 """
 
 
