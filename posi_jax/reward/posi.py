@@ -65,13 +65,12 @@ class RewardConfig:
             raise PosiError(f"RewardConfig.alignment_text {self.alignment_text!r}: choose one of {', '.join(ALIGNMENT_TEXTS)}")
         if self.seed_policy not in SEED_POLICIES:
             raise PosiError(f"RewardConfig.seed_policy {self.seed_policy!r}: choose one of {', '.join(SEED_POLICIES)}")
-        for name in ("images_per_prompt", "steps"):
+        for name in ("images_per_prompt", "steps", "prompt_batch"):
             value = getattr(self, name)
+            if name == "prompt_batch" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PosiError(f"RewardConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.prompt_batch is not None and (not isinstance(self.prompt_batch, int) or
-                                              isinstance(self.prompt_batch, bool) or self.prompt_batch < 1):
-            raise PosiError(f"RewardConfig.prompt_batch must be None or an integer >= 1, got {self.prompt_batch!r}")
         if not np.isfinite(self.w) or not np.isfinite(self.cap):
             raise PosiError(f"RewardConfig: w={self.w!r} and cap={self.cap!r} must be finite")
 
