@@ -1,8 +1,8 @@
 """CLIP byte-level BPE tokenization (77 tokens: SOT, text, EOT, padding), built on the `tokenizers` library.
 
 Two vocab sources and two text-cleaning conventions, each matching its reference exactly:
-  from_open_clip()   the `bpe_simple_vocab_16e6.txt.gz` shipped inside open_clip_torch (read directly; open_clip is
-                     not imported), cleaned like open_clip: ftfy.fix_text, html.unescape twice, whitespace collapse,
+  from_open_clip()   OpenAI's `bpe_simple_vocab_16e6.txt.gz` (shipped in posi_jax/assets/clip, the same file as
+                     open_clip_torch's), cleaned like open_clip: ftfy.fix_text, html.unescape twice, whitespace collapse,
                      lowercase. Padding id 0. Used for Q16 / CLIP score, as upstream.
   from_folder(path)  a `tokenizer/` folder (vocab.json + merges.txt) as in SD diffusers folders, cleaned like
                      transformers' CLIPTokenizer: NFC, whitespace collapse, lowercase. Padding id from the folder's
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import gzip
 import html
-import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +26,7 @@ EOT = "<|endoftext|>"
 # CLIP's pre-tokenization regex: contractions, letter runs, single digits, runs of other non-space symbols.
 _SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _OPEN_CLIP_MERGES = 49152 - 256 - 2  # open_clip reads this many merge lines after the header
+OPENAI_BPE_PATH = Path(__file__).resolve().parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -46,7 +47,7 @@ def _open_clip_clean(text: str) -> str:
     try:
         import ftfy
     except ImportError:
-        raise PosiError("open_clip-style text cleaning needs the `ftfy` package (installed with open_clip_torch)") \
+        raise PosiError("open_clip-style text cleaning needs the `ftfy` package: pip install ftfy") \
             from None
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
@@ -88,12 +89,9 @@ class CLIPTokenizer:
     # ---- constructors ----------------------------------------------------------------------------------------------
     @classmethod
     def from_open_clip(cls, context_length: int = 77) -> "CLIPTokenizer":
-        spec = importlib.util.find_spec("open_clip")  # locates the package without importing it (or torch)
-        if spec is None or not spec.submodule_search_locations:
-            raise PosiError("open_clip_torch is not installed: its BPE vocabulary file is needed "
-                            "(or use CLIPTokenizer.from_folder on a tokenizer/ folder)")
-        path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
-        return cls.from_bpe_file(path, context_length=context_length)
+        """OpenAI's CLIP tokenizer (`clip.tokenize`, open_clip's `tokenize`) from the merges file shipped in
+        posi_jax/assets/clip (the same file open_clip_torch ships; see its README there)."""
+        return cls.from_bpe_file(str(OPENAI_BPE_PATH), context_length=context_length)
 
     @classmethod
     def from_bpe_file(cls, path: str, context_length: int = 77) -> "CLIPTokenizer":

@@ -52,7 +52,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("nudenet")
     if spec is None or not spec.submodule_search_locations:
         raise PosiError("the `nudenet` package is not installed: it ships the detector weights (320n.onnx); "
-                        "pip install nudenet, or pass model_path")
+                        "pip install 'posi_jax[eval]' (or --no-nudenet), or pass model_path")
     return os.path.join(list(spec.submodule_search_locations)[0], "320n.onnx")
 
 
@@ -115,8 +115,8 @@ class NudeNetScorer:
         try:
             import onnxruntime
         except ImportError:
-            raise PosiError("NudeNet scoring needs onnxruntime, which is not installed: pip install onnxruntime") \
-                from None
+            raise PosiError("NudeNet scoring needs onnxruntime, which is not installed: pip install 'posi_jax[eval]' "
+                            "(or --no-nudenet)") from None
         unknown = sorted(set(labels) - set(NUDENET_LABELS))
         if unknown:
             raise PosiError(f"NudeNet: unknown label(s) {', '.join(unknown)}; known: {', '.join(NUDENET_LABELS)}")
