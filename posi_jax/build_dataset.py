@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from posi_jax.dataset_builder import BuildOptions, build_dataset, format_summary
-from posi_jax.errors import PosiError
+from posi_jax import cli
+from posi_jax.data.build_pairs import BuildOptions, build_dataset, format_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,19 +50,18 @@ def main(argv=None) -> int:
         timeout_s=args.timeout, backoff_base_s=args.backoff_base, backoff_max_s=args.backoff_max,
         max_output_chars=args.max_output_chars, temperature=args.temperature, max_tokens=args.max_tokens)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    try:
-        summary = build_dataset(args.input, args.out, options, rejected_path=args.rejected, final_path=args.final,
-                                handle_sigint=True, log=log)
-    except PosiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # before the request loop started: nothing was sent
-        print("interrupted before any request was sent", file=sys.stderr)
-        return 130
+    # A Ctrl-C before the request loop starts has sent nothing; during it, build_dataset finishes the requests in flight
+    # and reports `interrupted`.
+    return cli.run(lambda: _build(args, options, log), interrupted="interrupted before any request was sent")
+
+
+def _build(args, options, log) -> int:
+    summary = build_dataset(args.input, args.out, options, rejected_path=args.rejected, final_path=args.final,
+                            handle_sigint=True, log=log)
     print(format_summary(summary), flush=True)
     if summary.interrupted:
         print("interrupted: finished pairs are kept; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return cli.EXIT_INTERRUPTED
     if summary.n_failed:
         print(f"warning: {summary.n_failed} prompts failed after {args.max_retries + 1} attempts each; "
               "re-run the same command to retry them", file=sys.stderr)

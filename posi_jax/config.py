@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,6 +79,27 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[parts[-1]] = value
 
 
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from a file this package wrote (a run or adapter config); `what` names it in errors."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PosiError(f"{path}: cannot read the {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise PosiError(f"{path}: the {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_json_config(cls: type[T], path: str | Path, what: str) -> T:
+    """`cls` from a JSON file written with `to_dict` (a run's saved config); errors name the file."""
+    data = read_json(path, what)
+    try:
+        return from_dict(cls, data)
+    except PosiError as e:
+        raise PosiError(f"{path}: {e}") from None
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults of `cls` ← YAML file ← `key=value` overrides (dotted keys for nested sections)."""
     data: dict = {}
@@ -102,3 +124,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_dtype(name: str, where: str):
+    """The jnp dtype named by a config value or CLI flag (float32 | bfloat16); `where` names the setting in errors."""
+    if name not in DTYPES:
+        raise PosiError(f"{where}: dtype {name!r} must be one of {', '.join(DTYPES)}")
+    import jax.numpy as jnp
+
+    return jnp.dtype(name)

@@ -16,11 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from posi_jax import cli
 from posi_jax.errors import PosiError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from posi_jax.evaluation import EvalOptions
+    from posi_jax.evaluation.run import EvalOptions
 
     d = EvalOptions()
     p = argparse.ArgumentParser(prog="python -m posi_jax.evaluate", description=__doc__,
@@ -83,71 +84,66 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return cli.run(lambda: _evaluate(args), interrupted=f"interrupted: finished prompts are kept in {args.out}; "
+                                                        "re-run the same command to resume")
+
+
+def _evaluate(args) -> int:
+    from posi_jax.evaluation.images import ImagesAPIGenerator, load_local_sd
+    from posi_jax.evaluation.prompts import read_prompt_set, read_rewrites
+    from posi_jax.evaluation.run import EvalOptions, evaluate, rewrite_all
+    from posi_jax.evaluation.scoring import load_scorer
+
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
-    try:
-        from posi_jax import evaluation as ev
+    if args.checkpoint and args.rewritten:
+        raise PosiError("give --checkpoint or --rewritten, not both")
+    if args.images_api == (args.sd is not None):
+        raise PosiError("choose the images: --sd FOLDER (local Stable Diffusion) or --images-api")
+    options = EvalOptions(images_per_prompt=args.n, seed=args.seed, batch_prompts=args.batch_prompts,
+                          grid_rows=args.grid_rows, grid_images=args.grid_images, save_images=args.save_images)
+    options.validate()
+    if args.limit is not None and args.limit < 1:
+        raise PosiError(f"--limit must be >= 1, got {args.limit}")
+    prompts = read_prompt_set(args.prompts)
+    rewrites = read_rewrites(args.rewritten, prompts)[: args.limit] if args.rewritten else None
+    prompts = prompts[: args.limit]
+    # Everything that can fail fast (key, paths, shapes) fails before any model runs.
+    if args.images_api:
+        generator = ImagesAPIGenerator(
+            model=args.api_model, size=args.api_size, base_url=args.base_url, timeout_s=args.api_timeout,
+            max_retries=args.api_max_retries, images_per_request=args.api_images_per_request)
+    scorer = load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet)
+    if rewrites is None:
+        from posi_jax.checkpoints import load_policy
+        from posi_jax.config import parse_dtype
+        from posi_jax.policy.rewriter import Rewriter
+        from posi_jax.policy.sampler import SamplingConfig
 
-        if args.checkpoint and args.rewritten:
-            raise PosiError("give --checkpoint or --rewritten, not both")
-        if args.images_api == (args.sd is not None):
-            raise PosiError("choose the images: --sd FOLDER (local Stable Diffusion) or --images-api")
-        options = ev.EvalOptions(images_per_prompt=args.n, seed=args.seed, batch_prompts=args.batch_prompts,
-                                 grid_rows=args.grid_rows, grid_images=args.grid_images,
-                                 save_images=args.save_images)
-        options.validate()
-        if args.limit is not None and args.limit < 1:
-            raise PosiError(f"--limit must be >= 1, got {args.limit}")
-        prompts = ev.read_prompt_set(args.prompts)
-        rewrites = ev.read_rewrites(args.rewritten, prompts)[: args.limit] if args.rewritten else None
-        prompts = prompts[: args.limit]
-        # Everything that can fail fast (key, paths, shapes) fails before any model runs.
-        if args.images_api:
-            generator = ev.ImagesAPIGenerator(
-                model=args.api_model, size=args.api_size, base_url=args.base_url, timeout_s=args.api_timeout,
-                max_retries=args.api_max_retries, images_per_request=args.api_images_per_request)
-        scorer = ev.load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet)
-        if rewrites is None:
-            import jax.numpy as jnp
-
-            from posi_jax.checkpoints import load_policy
-            from posi_jax.rewriter import Rewriter
-            from posi_jax.rl.sampler import SamplingConfig
-
-            try:
-                sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, greedy=args.greedy)
-            except ValueError as e:
-                raise PosiError(str(e)) from None
-            dtype = jnp.dtype(args.rewriter_dtype)
-            model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
-            rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
-            rewrite_settings = {"checkpoint": args.checkpoint, "sampling": vars(sampling),
-                                "rewriter_dtype": args.rewriter_dtype, "prompt_set": str(args.prompts),
-                                "limit": args.limit}
-            rewrites = ev.rewrite_all(prompts, out, lambda ps, seed: rewriter.rewrite(ps, sampling, seed=seed),
-                                      args.rewrite_batch_size, log, settings=rewrite_settings)
-            rewriter_name = Path(args.checkpoint).name if args.checkpoint else "default rewriter"
-        else:
-            rewriter_name = Path(args.rewritten).name
-            rewrite_settings = {"rewritten": str(args.rewritten)}
-        if not args.images_api:
-            generator = ev.load_local_sd(args.sd, steps=args.steps, guidance_scale=args.guidance,
-                                         height=args.height, width=args.width, scheduler=args.scheduler,
-                                         negative_prompt=args.negative, batch_size=args.sd_batch_size,
-                                         dtype=args.dtype)
-        settings = {"prompt_set": str(args.prompts), "limit": args.limit, **rewrite_settings,
-                    "scorers": {"q16_clip": str(args.q16_clip), "q16_prompts": str(args.q16_prompts),
-                                "clip": str(args.clip), "nudenet": not args.no_nudenet}}
-        result = ev.evaluate(prompts, rewrites, out, generator, scorer, options, settings=settings,
-                             rewriter_name=rewriter_name, log=log)
-    except PosiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: finished prompts are kept in {out}; re-run the same command to resume", file=sys.stderr)
-        return 130
-    print((result.files["table_md"]).read_text(encoding="utf-8"))
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, greedy=args.greedy)
+        dtype = parse_dtype(args.rewriter_dtype, "--rewriter-dtype")
+        model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
+        rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
+        rewrite_settings = {"checkpoint": args.checkpoint, "sampling": vars(sampling),
+                            "rewriter_dtype": args.rewriter_dtype, "prompt_set": str(args.prompts),
+                            "limit": args.limit}
+        rewrites = rewrite_all(prompts, out, lambda ps, seed: rewriter.rewrite(ps, sampling, seed=seed),
+                               args.rewrite_batch_size, log, settings=rewrite_settings)
+        rewriter_name = Path(args.checkpoint).name if args.checkpoint else "default rewriter"
+    else:
+        rewriter_name = Path(args.rewritten).name
+        rewrite_settings = {"rewritten": str(args.rewritten)}
+    if not args.images_api:
+        generator = load_local_sd(args.sd, steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                                  width=args.width, scheduler=args.scheduler, negative_prompt=args.negative,
+                                  batch_size=args.sd_batch_size, dtype=args.dtype)
+    settings = {"prompt_set": str(args.prompts), "limit": args.limit, **rewrite_settings,
+                "scorers": {"q16_clip": str(args.q16_clip), "q16_prompts": str(args.q16_prompts),
+                            "clip": str(args.clip), "nudenet": not args.no_nudenet}}
+    result = evaluate(prompts, rewrites, out, generator, scorer, options, settings=settings,
+                      rewriter_name=rewriter_name, log=log)
+    print(result.files["table_md"].read_text(encoding="utf-8"))
     for name, path in result.files.items():
         print(f"{name:10s} {path}")
     return 0

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from posi_jax import cli
 from posi_jax.errors import PosiError
 
 
@@ -33,37 +34,38 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return cli.run(lambda: _generate(args))
+
+
+def _generate(args) -> int:
+    if not os.path.isdir(args.model):
+        raise PosiError(f"{args.model}: model folder not found")
+    if args.n < 1:
+        raise PosiError(f"--n {args.n}: must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PosiError(f"--batch-size {args.batch_size}: must be >= 1")
     try:
-        if not os.path.isdir(args.model):
-            raise PosiError(f"{args.model}: model folder not found")
-        if args.n < 1:
-            raise PosiError(f"--n {args.n}: must be >= 1")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise PosiError(f"--batch-size {args.batch_size}: must be >= 1")
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as e:
-            raise PosiError(f"cannot create output folder {args.out}: {e.strerror}") from None
-        import jax.numpy as jnp
-        import numpy as np
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise PosiError(f"cannot create output folder {args.out}: {e.strerror}") from None
+    import numpy as np
 
-        from posi_jax.diffusion.pipeline import StableDiffusion, image_grid, save_png, to_uint8
+    from posi_jax.config import parse_dtype
+    from posi_jax.diffusion.pipeline import StableDiffusion, image_grid, save_png, to_uint8
 
-        sd = StableDiffusion.from_folder(args.model, dtype=getattr(jnp, args.dtype), scheduler=args.scheduler)
-        images = sd.generate(args.prompts, args.negative, seed=args.seed, num_images_per_prompt=args.n,
-                             steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
-                             batch_size=args.batch_size)
-        images = to_uint8(np.asarray(images))
-        paths = []
-        for k, image in enumerate(images):
-            path = os.path.join(args.out, f"p{k // args.n:02d}_{k % args.n:02d}.png")
-            save_png(image, path)
-            paths.append(path)
-        grid = os.path.join(args.out, "grid.png")
-        save_png(image_grid(images, cols=args.n), grid)
-    except PosiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sd = StableDiffusion.from_folder(args.model, dtype=parse_dtype(args.dtype, "--dtype"),
+                                     scheduler=args.scheduler)
+    images = sd.generate(args.prompts, args.negative, seed=args.seed, num_images_per_prompt=args.n,
+                         steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                         batch_size=args.batch_size)
+    images = to_uint8(np.asarray(images))
+    paths = []
+    for k, image in enumerate(images):
+        path = os.path.join(args.out, f"p{k // args.n:02d}_{k % args.n:02d}.png")
+        save_png(image, path)
+        paths.append(path)
+    grid = os.path.join(args.out, "grid.png")
+    save_png(image_grid(images, cols=args.n), grid)
     for path in paths + [grid]:
         print(path)
     return 0

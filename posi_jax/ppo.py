@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from posi_jax import cli
 from posi_jax.errors import PosiError
 
 
@@ -25,7 +26,8 @@ def _export(argv) -> int:
     args = ap.parse_args(argv)
     from pathlib import Path
 
-    from posi_jax.checkpoints import PPO_RUN_CONFIG, export_policy
+    from posi_jax.checkpoints import export_policy
+    from posi_jax.rl.config import PPO_RUN_CONFIG
 
     if not (Path(args.run_dir) / PPO_RUN_CONFIG).is_file():
         raise PosiError(f"{args.run_dir}: not a PPO run folder (no {PPO_RUN_CONFIG})")
@@ -41,7 +43,8 @@ def _train(argv) -> int:
     ap.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    from posi_jax.rl.trainer import load_run_config, train
+    from posi_jax.rl.config import load_run_config
+    from posi_jax.rl.run import train
 
     cfg = load_run_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -51,13 +54,9 @@ def _train(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv and argv[0] == "export":
-            return _export(argv[1:])
-        return _train(argv)
-    except PosiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "export":
+        return cli.run(lambda: _export(argv[1:]))
+    return cli.run(lambda: _train(argv), interrupted="interrupted: --resume continues from the last checkpoint")
 
 
 if __name__ == "__main__":

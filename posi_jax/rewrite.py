@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
+from posi_jax import cli
 from posi_jax.errors import PosiError
 
 
@@ -65,30 +65,26 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-    try:
-        from posi_jax.rewriter import Rewriter, check_prompts
+    return cli.run(lambda: _rewrite(args))
 
-        prompts = check_prompts(read_prompts(args))
-        from posi_jax.rl.sampler import SamplingConfig
 
-        try:
-            sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, top_k=args.top_k, greedy=args.greedy)
-        except ValueError as e:
-            raise PosiError(str(e)) from None
-        rewriter = Rewriter.load(args.checkpoint, max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
-        progress = None
-        if args.file and len(prompts) > args.batch_size:
-            from tqdm import tqdm
+def _rewrite(args) -> int:
+    from posi_jax.policy.chat import check_prompts
+    from posi_jax.policy.rewriter import Rewriter
+    from posi_jax.policy.sampler import SamplingConfig
 
-            progress = tqdm(total=len(prompts), unit="prompt", file=sys.stderr)
-        results = rewriter.rewrite_detailed(prompts, sampling, seed=args.seed, progress=progress)
-        if progress is not None:
-            progress.close()
-    except PosiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prompts = check_prompts(read_prompts(args))
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, greedy=args.greedy)
+    rewriter = Rewriter.load(args.checkpoint, max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
+    progress = None
+    if args.file and len(prompts) > args.batch_size:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(prompts), unit="prompt", file=sys.stderr)
+    results = rewriter.rewrite_detailed(prompts, sampling, seed=args.seed, progress=progress)
+    if progress is not None:
+        progress.close()
     for r in results:
         if args.json:
             print(json.dumps({"original": r.original, "rewritten": r.rewritten, "new_tokens": r.new_tokens,

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from posi_jax.errors import PosiError
+from posi_jax import cli
 
 
 def _train(argv) -> int:
@@ -19,7 +19,7 @@ def _train(argv) -> int:
     ap.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     args = ap.parse_args(argv)
     from posi_jax.config import load_config
-    from posi_jax.sft_trainer import SFTConfig, SFTTrainer
+    from posi_jax.training.sft import SFTConfig, SFTTrainer
 
     cfg = load_config(SFTConfig, args.config, args.overrides)
     summary = SFTTrainer(cfg).run(resume=args.resume)
@@ -42,13 +42,9 @@ def _merge(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv and argv[0] == "merge":
-            return _merge(argv[1:])
-        return _train(argv)
-    except PosiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "merge":
+        return cli.run(lambda: _merge(argv[1:]))
+    return cli.run(lambda: _train(argv), interrupted="interrupted: --resume continues from the last checkpoint")
 
 
 if __name__ == "__main__":

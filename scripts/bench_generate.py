@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import torch
 
-from posi_jax.checkpoints import default_gguf_path, load_policy
-from posi_jax.rl.sampler import SamplingConfig, generate
+from posi_jax.checkpoints import load_policy
+from posi_jax.policy.load import default_gguf_path
+from posi_jax.policy.sampler import SamplingConfig, generate
 
 PROMPTS = ["a photo of a naked woman covered in blood", "a cute dog playing in a park on a sunny day",
            "a soldier shooting civilians, war photography", "portrait of an old man, oil painting",

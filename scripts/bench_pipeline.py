@@ -51,7 +51,7 @@ def run_ours(steps: list[int], size: int) -> dict:
     import numpy as np
     from flax import nnx
 
-    from posi_jax.clip_tokenizer import CLIPTokenizer
+    from posi_jax.models.clip_tokenizer import CLIPTokenizer
     from posi_jax.diffusion.pipeline import StableDiffusion
     from posi_jax.models.clip import CLIPTextConfig, CLIPTextTransformer
     from posi_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -89,7 +89,7 @@ def _hf_clip_tokenizer():
     import open_clip
     from transformers import CLIPTokenizer
 
-    from posi_jax.clip_tokenizer import _OPEN_CLIP_MERGES, EOT, SOT, _bytes_to_unicode
+    from posi_jax.models.clip_tokenizer import _OPEN_CLIP_MERGES, EOT, SOT, _bytes_to_unicode
 
     path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")[1:_OPEN_CLIP_MERGES + 1]

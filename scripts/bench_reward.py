@@ -162,7 +162,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--clip", choices=("full", "small"), default="full")
     args = ap.parse_args()
-    from posi_jax.clip_tokenizer import CLIPTokenizer
+    from posi_jax.models.clip_tokenizer import CLIPTokenizer
     from posi_jax.diffusion.pipeline import StableDiffusion
     from posi_jax.reward.posi import PosiReward, RewardConfig
 

@@ -1,4 +1,4 @@
-"""SFT train-step throughput: our jitted LoRA step (posi_jax.sft_trainer.make_train_step) vs a PyTorch step
+"""SFT train-step throughput: our jitted LoRA step (posi_jax.training.sft.make_train_step) vs a PyTorch step
 (transformers LlamaForCausalLM + the same LoRA math written by hand: q/v adapters, r, alpha, dropout, AdamW, clip 1.0,
 response-masked token-mean cross entropy), same config, same random batch, on CPU. Prints tokens/s, the ratio,
 compile time (JAX, separately) and the peak RSS of each side. Timing runs all sides in one process with their steps
@@ -49,7 +49,7 @@ def make_jax_step(args, full_head=False):
 
     from posi_jax.models.llama import LlamaForCausalLM
     from posi_jax.nn.lora import LoRAParam, add_lora
-    from posi_jax.sft_trainer import make_train_step, num_loss_targets
+    from posi_jax.training.sft import make_train_step, num_loss_targets
 
     cfg = llama_cfg(args)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))

@@ -35,11 +35,12 @@ def main():
     ap.add_argument("--command", default="", help="the exact training command, for the README and the provenance")
     args = ap.parse_args()
 
-    from posi_jax.checkpoints import load_base_policy, load_policy
-    from posi_jax.data import load_posi_records, split_records
-    from posi_jax.rewriter import Rewriter
-    from posi_jax.rl.sampler import SamplingConfig
-    from posi_jax.sft_trainer import load_run_config
+    from posi_jax.checkpoints import load_policy
+    from posi_jax.policy.load import load_base_policy
+    from posi_jax.data.posi import load_posi_records, split_records
+    from posi_jax.policy.rewriter import Rewriter
+    from posi_jax.policy.sampler import SamplingConfig
+    from posi_jax.training.sft import load_run_config
 
     run = Path(args.run_dir)
     cfg = load_run_config(run)
@@ -51,7 +52,7 @@ def main():
     adapter_dir = run / "adapter"
     if vals[-1]["step"] != last["step"] or not adapter_dir.is_dir():
         # a run stopped before its last step: evaluate and export its latest checkpoint
-        from posi_jax.sft_trainer import SFTTrainer
+        from posi_jax.training.sft import SFTTrainer
 
         trainer = SFTTrainer(cfg.__class__(**{**cfg.__dict__, "progress": False}))
         ckpt_step = trainer.restore() // cfg.grad_accum

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,14 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from posi_jax.checkpoints import default_gguf_path
+    from posi_jax.policy.load import default_gguf_path
 
     return default_gguf_path()
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf):
-    from posi_jax.tokenizer import Tokenizer
+    from posi_jax.policy.tokenizer import Tokenizer
     from posi_jax.weights.gguf import GGUFFile
 
     return Tokenizer.from_gguf(GGUFFile(smollm2_gguf))
@@ -78,3 +79,22 @@ def tiny_sd2_folder(tmp_path_factory) -> Path:
     from tests.sd_fixtures import build_tiny_sd_folder
 
     return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd2"), "v2")
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A real OpenAI-compatible HTTP server on loopback (tests/fake_openai_server.py), with the key in the env."""
+    from tests.fake_openai_server import FakeOpenAI
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+def closed_port_url() -> str:
+    """An http URL on loopback where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"

@@ -72,7 +72,7 @@ def test_corrupt_checkpoint(tmp_path):
 def test_library_api(tiny_llama_folder):
     from posi_jax import Rewriter
     from posi_jax.errors import PosiError
-    from posi_jax.rl.sampler import SamplingConfig
+    from posi_jax.policy.sampler import SamplingConfig
 
     rw = Rewriter.load(str(tiny_llama_folder))
     out = rw.rewrite(["a cat", "a dog"], SamplingConfig(max_new_tokens=4, greedy=True))

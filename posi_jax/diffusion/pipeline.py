@@ -20,8 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from posi_jax.diffusion.schedulers import Scheduler, make_scheduler
 from posi_jax.errors import PosiError
-
-DATA_AXIS = "data"
+from posi_jax.nn.sharding import DATA_AXIS, data_mesh
 
 
 def sample_images(text_encoder, unet, vae, cond_ids: jax.Array, uncond_ids: jax.Array, latents: jax.Array, *,
@@ -158,7 +157,7 @@ class StableDiffusion:
         # the UNet halves the latent once per down block but the last
         self._latent_multiple = 2 ** (len(unet.cfg.down_block_types) - 1)
         if isinstance(mesh, str):
-            mesh = Mesh(np.array(jax.devices()), (DATA_AXIS,)) if jax.device_count() > 1 else None
+            mesh = data_mesh()
         self.mesh = mesh
         graphdefs, states = zip(*(nnx.split(m) for m in (text_encoder, unet, vae)))
         self._graphdefs = tuple(graphdefs)

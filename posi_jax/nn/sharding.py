@@ -15,8 +15,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from posi_jax.errors import PosiError
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+DATA_AXIS = "data"
+MESH_AXES = (DATA_AXIS, "fsdp")
+BATCH_AXES = (DATA_AXIS, "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -31,6 +32,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if data * fsdp != len(devices):
         raise PosiError(f"mesh: data={data} x fsdp={fsdp} needs {data * fsdp} devices, there are {len(devices)}")
     return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
+
+
+def data_mesh(devices=None) -> Mesh | None:
+    """A 1-D mesh with the axis "data" over `devices` (default: all) for data-parallel image work (weights replicated,
+    images split); None when there is only one device (nothing to split)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,)) if len(devices) > 1 else None
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> PartitionSpec:

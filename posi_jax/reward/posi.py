@@ -27,9 +27,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from posi_jax.diffusion.pipeline import DATA_AXIS, StableDiffusion, sample_images
+from posi_jax.diffusion.pipeline import StableDiffusion, sample_images
 from posi_jax.diffusion.schedulers import make_scheduler
 from posi_jax.errors import PosiError
+from posi_jax.nn.sharding import DATA_AXIS, data_mesh
 from posi_jax.reward.clip_score import clip_score
 from posi_jax.reward.preprocess import clip_preprocess
 from posi_jax.reward.q16 import check_q16_prompts, q16_inappropriate_prob
@@ -141,7 +142,7 @@ class PosiReward:
         self.sched.schedule.check_steps(config.steps)
         self.height, self.width = config.height or sd.default_size, config.width or sd.default_size
         if isinstance(mesh, str):
-            mesh = Mesh(np.array(jax.devices()), (DATA_AXIS,)) if jax.device_count() > 1 else None
+            mesh = data_mesh()
         self.mesh = mesh
         graphdefs, states = zip(*(nnx.split(m) for m in (sd.text_encoder, sd.unet, sd.vae, q16_vision, clip_model)))
         self._graphdefs = tuple(graphdefs)
@@ -149,14 +150,16 @@ class PosiReward:
         if mesh is not None:  # weights replicated, images split over "data"
             self._states, self._q16_prompts = jax.device_put((self._states, self._q16_prompts),
                                                              NamedSharding(mesh, P()))
-        self._calls = 0
+        # Calls made so far: the per_call noise of the next call is keyed by it (a resumed PPO run sets it to the
+        # number of iterations already done, one reward call each).
+        self.call_index = 0
 
     @classmethod
     def from_paths(cls, sd_folder: str, q16_clip: str, q16_prompts: str, clip: str,
                    config: RewardConfig = RewardConfig(), *, dtype=jnp.float32, mesh="auto") -> "PosiReward":
         """SD folder, Q16's CLIP ViT-L/14 and CLIP ViT-B/32 checkpoints (OpenAI/open_clip files or HF folders), and
         the Q16 prompts pickle."""
-        from posi_jax.clip_tokenizer import CLIPTokenizer
+        from posi_jax.models.clip_tokenizer import CLIPTokenizer
         from posi_jax.reward.q16 import load_q16_prompts
         from posi_jax.weights.clip import load_clip, load_clip_vision
 
@@ -189,7 +192,7 @@ class PosiReward:
         c, n = self.config, self.config.images_per_prompt
         total = len(rewritten) * n
         if c.seed_policy == "per_call":
-            seeds = jax.random.fold_in(jax.random.key(c.seed), self._calls)
+            seeds = jax.random.fold_in(jax.random.key(c.seed), self.call_index)
         elif c.seed_policy == "fixed":
             seeds = [(c.seed * 1009 + j) % 2 ** 31 for _ in rewritten for j in range(n)]
         else:  # per_prompt: a stable hash of the text (Python's hash() is salted per process)
@@ -209,7 +212,7 @@ class PosiReward:
                  return_images: bool = False) -> RewardOutput:
         c = self.config
         cond, uncond, latents, text_ids = self.inputs(rewritten, original)
-        self._calls += 1
+        self.call_index += 1
         num_prompts, n = text_ids.shape[0], c.images_per_prompt
         per_call = num_prompts if c.prompt_batch is None else min(c.prompt_batch, num_prompts)
         chunks = []

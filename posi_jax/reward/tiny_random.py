@@ -22,7 +22,7 @@ SD14_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=
 def tiny_random_reward(config: RewardConfig = RewardConfig(), *, seed: int = 0, q16_prompts=None,
                        mesh=None) -> PosiReward:
     """A `PosiReward` over tiny random models. `q16_prompts`: the real [2, 768] prompts (default: random ones)."""
-    from posi_jax.clip_tokenizer import CLIPTokenizer
+    from posi_jax.models.clip_tokenizer import CLIPTokenizer
     from posi_jax.diffusion.pipeline import StableDiffusion
     from posi_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer, CLIPVisionConfig,
                                       CLIPVisionTransformer)

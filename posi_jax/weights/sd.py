@@ -128,7 +128,7 @@ def load_vae(path: str | Path, dtype=jnp.float32, *, param_dtype=None) -> Autoen
 @dataclass
 class SDComponents:
     text_encoder: Any  # posi_jax.models.clip.CLIPTextTransformer
-    tokenizer: Any  # posi_jax.clip_tokenizer.CLIPTokenizer
+    tokenizer: Any  # posi_jax.models.clip_tokenizer.CLIPTokenizer
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     scheduler_config: dict
@@ -137,7 +137,7 @@ class SDComponents:
 def load_sd_folder(path: str | Path, dtype=jnp.float32, *, param_dtype=None, clip_skip: int = 0) -> SDComponents:
     """Every part of a diffusers Stable Diffusion folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/).
     `clip_skip` is diffusers' clip_skip (text encoder layers not run before the final LayerNorm)."""
-    from posi_jax.clip_tokenizer import CLIPTokenizer
+    from posi_jax.models.clip_tokenizer import CLIPTokenizer
     from posi_jax.weights.clip import load_clip_text_encoder
 
     path = Path(path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 
-from posi_jax.clip_tokenizer import CLIPTokenizer
+from posi_jax.models.clip_tokenizer import CLIPTokenizer
 from posi_jax.errors import PosiError
 from posi_jax.models.clip import (
     CLIP_VIT_B32,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from posi_jax.rl.sampler import SamplingConfig, generate
+from posi_jax.policy.sampler import SamplingConfig, generate
 from posi_jax.weights.llama import load_llama_gguf
 from tests.conftest import max_abs
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from posi_jax.clip_tokenizer import CLIPTokenizer
+from posi_jax.models.clip_tokenizer import CLIPTokenizer
 from posi_jax.config import load_config
 from posi_jax.errors import PosiError
 from posi_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionTransformer
@@ -118,7 +118,7 @@ def test_reward_equals_step_by_step(reward, tiny_sd, tiny_clips):
 def test_seed_policies(reward, tiny_sd, tiny_clips):
     def latents(cfg, prompts, calls=0):
         r = PosiReward(tiny_sd, *tiny_clips, cfg, mesh=None)
-        r._calls = calls
+        r.call_index = calls
         return np.asarray(r.initial_latents(prompts)).reshape(len(prompts), cfg.images_per_prompt, -1)
 
     fixed = latents(CFG, PROMPTS)
@@ -192,7 +192,7 @@ import sys
 import numpy as np
 import jax
 from flax import nnx
-from posi_jax.clip_tokenizer import CLIPTokenizer
+from posi_jax.models.clip_tokenizer import CLIPTokenizer
 from posi_jax.diffusion.pipeline import StableDiffusion
 from posi_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionTransformer
 from posi_jax.reward.posi import PosiReward, RewardConfig

@@ -11,7 +11,7 @@ TARGET_WORD = "x"
 def tiny_tokenizer():
     from tokenizers import Tokenizer as Backend, models, pre_tokenizers
 
-    from posi_jax.tokenizer import Tokenizer
+    from posi_jax.policy.tokenizer import Tokenizer
 
     backend = Backend(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 
 from posi_jax.nn.sharding import make_mesh
-from posi_jax.rl.sampler import SamplingConfig
-from posi_jax.rl.trainer import LoRASettings, OptimSettings, PPOSettings, PPOTrainer
+from posi_jax.policy.sampler import SamplingConfig
+from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings
+from posi_jax.rl.trainer import PPOTrainer
 from tests.rl import ppo_setup
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from posi_jax.errors import PosiError
 from posi_jax.ppo import main
-from posi_jax.rl.trainer import load_run_config
+from posi_jax.rl.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,5 +35,5 @@ def test_shipped_configs_parse():
     assert paper.reward.config.images_per_prompt == 10 and paper.reward.config.guidance_scale == 7.0
     assert paper.iterations == 3
     with pytest.raises(PosiError, match="dtype"):
-        from posi_jax.rl.trainer import _dtype
-        _dtype("float16", "policy.dtype")
+        from posi_jax.config import parse_dtype
+        parse_dtype("float16", "policy.dtype")

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from posi_jax.adapters import save_adapter
-from posi_jax.checkpoints import PPO_RUN_CONFIG, load_policy
+from posi_jax.policy.adapters import save_adapter
+from posi_jax.checkpoints import load_policy
 from posi_jax.errors import PosiError
 from posi_jax.nn.lora import LoRAParam, add_lora
 from posi_jax.ppo import main
-from posi_jax.rl.trainer import load_run_config, train, trainer_from_config
+from posi_jax.rl.config import PPO_RUN_CONFIG, load_run_config
+from posi_jax.rl.run import train, trainer_from_config
 from posi_jax.weights.llama import save_llama_safetensors
 from tests.conftest import max_abs
 from tests.rl import ppo_setup
@@ -80,7 +81,7 @@ def test_run_dir_loads_as_the_trained_policy(ppo_run):
     adapter_b = [np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(policy, LoRAParam)) if p[-1] == "lora_b"]
     assert adapter_b and max(float(np.abs(b).max()) for b in adapter_b) > 0
     # An earlier checkpoint is a different policy (so the latest one was picked).
-    from posi_jax.rl.trainer import load_run_policy
+    from posi_jax.checkpoints import load_ppo_run_policy as load_run_policy
 
     first, _ = load_run_policy(run, step=1)
     assert max_abs(_logits(first, tokens, mask), want) > 1e-6

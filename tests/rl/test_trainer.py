@@ -14,9 +14,11 @@ from flax import nnx
 from posi_jax.errors import PosiError
 from posi_jax.models.llama import LlamaForCausalLM, ValueHead
 from posi_jax.nn.lora import LoRAParam, add_lora
-from posi_jax.rl.sampler import SamplingConfig
-from posi_jax.rl.trainer import (LoRASettings, OptimSettings, PPOSettings, PPOTrainer, _lr_schedule, build_models,
-                                 reward_arrays, run)
+from posi_jax.policy.sampler import SamplingConfig
+from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings
+from posi_jax.rl.models import build_models
+from posi_jax.rl.steps import lr_schedule
+from posi_jax.rl.trainer import PPOTrainer, reward_arrays, run
 from tests.rl import ppo_setup
 
 # One setting shared by the learning, lr = 0 and resume tests, so they share one compilation of each jitted step.
@@ -189,9 +191,9 @@ def test_lr_schedule_matches_optax():
     for warmup in (0, 3):
         ref = optax.warmup_cosine_decay_schedule(0.0, 2e-5, warmup, 20, end_value=0.0) if warmup \
             else optax.cosine_decay_schedule(2e-5, 20)
-        got = [float(_lr_schedule(c, 2e-5, 20.0, float(warmup), True)) for c in range(25)]
+        got = [float(lr_schedule(c, 2e-5, 20.0, float(warmup), True)) for c in range(25)]
         np.testing.assert_allclose(got, [float(ref(c)) for c in range(25)], rtol=1e-5, atol=1e-12)
-    assert float(_lr_schedule(7, 2e-5, 20.0, 0.0, False)) == pytest.approx(2e-5)
+    assert float(lr_schedule(7, 2e-5, 20.0, 0.0, False)) == pytest.approx(2e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

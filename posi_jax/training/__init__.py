@@ -1,0 +1,1 @@
+"""Training: orbax checkpoints of any training state, and supervised fine-tuning."""

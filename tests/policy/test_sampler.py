@@ -1,0 +1,105 @@
+"""The jitted sampler: filtering vs numpy, per-row EOS stopping, log-probs vs a teacher-forced forward, seeds."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from posi_jax.errors import PosiError
+from posi_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from posi_jax.policy.sampler import SamplingConfig, filter_logits, generate
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from flax import nnx
+
+    return LlamaForCausalLM(CFG, rngs=nnx.Rngs(3))
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 97, (3, 9)).astype(np.int32)
+    mask = np.ones((3, 9), bool)
+    mask[1, :4] = False  # left padding
+    mask[2, :7] = False
+    return ids, mask
+
+
+def test_filter_logits_matches_numpy():
+    logits = np.random.default_rng(1).normal(size=(4, 50)).astype(np.float32) * 3
+    for top_k, top_p in ((5, 1.0), (0, 0.7), (10, 0.5), (0, 0.05)):
+        got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
+        for row, out in zip(logits, got):
+            keep = np.ones(50, bool)
+            if top_k:
+                keep &= row >= np.sort(row)[-top_k]
+            if top_p < 1:  # nucleus of the distribution left after top-k (sequential, as transformers does)
+                kept = np.where(keep, row, -np.inf)
+                order = np.argsort(-kept)
+                p = np.exp(kept[order] - row.max())
+                p /= p.sum()
+                before = np.cumsum(p) - p
+                nucleus = np.zeros(50, bool)
+                nucleus[order[before < top_p]] = True
+                keep &= nucleus
+            assert np.array_equal(out > np.finfo(np.float32).min, keep), (top_k, top_p)
+            assert np.array_equal(out[keep], row[keep])
+
+
+def test_logprobs_and_mask_match_teacher_forced_forward(model):
+    ids, mask = _prompts()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9)
+    out = generate(model, ids, mask, jax.random.key(0), cfg, eos_ids=(2,), pad_id=0)
+    assert out.tokens.shape == (3, 12) and out.logprobs.shape == (3, 12)
+    full = jnp.concatenate([jnp.asarray(ids), out.tokens], 1)
+    full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], 1)
+    logits, _ = model(full, attention_mask=full_mask)
+    logp = jax.nn.log_softmax(logits[:, 8:-1] / 0.8)  # position t predicts token t+1
+    want = jnp.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
+    m = np.asarray(out.mask)
+    assert np.max(np.abs(np.asarray(want)[m] - np.asarray(out.logprobs)[m])) <= 1e-4
+    assert np.all(np.asarray(out.logprobs)[~m] == 0)
+
+
+def test_eos_stops_each_row_independently(model):
+    ids, mask = _prompts()
+    greedy = SamplingConfig(max_new_tokens=10, greedy=True)
+    free = generate(model, ids, mask, jax.random.key(0), greedy, eos_ids=(96,), pad_id=0)
+    eos = int(free.tokens[0, 3])  # make row 0's 4th token the EOS
+    out = generate(model, ids, mask, jax.random.key(0), greedy, eos_ids=(eos,), pad_id=0)
+    tokens, m = np.asarray(out.tokens), np.asarray(out.mask)
+    for row in range(3):
+        hits = np.nonzero(np.asarray(free.tokens[row]) == eos)[0]
+        stop = hits[0] + 1 if len(hits) else 10
+        assert m[row].sum() == stop and m[row, :stop].all()  # EOS itself is part of the response
+        assert np.array_equal(tokens[row, :stop], np.asarray(free.tokens[row, :stop]))
+        assert (tokens[row, stop:] == 0).all()
+    assert m[0].sum() <= 4
+
+
+def test_seeds_and_top_k_one(model):
+    ids, mask = _prompts()
+    sample = SamplingConfig(max_new_tokens=16, temperature=1.5, top_p=1.0)
+    a = generate(model, ids, mask, jax.random.key(1), sample, eos_ids=(2,), pad_id=0).tokens
+    b = generate(model, ids, mask, jax.random.key(1), sample, eos_ids=(2,), pad_id=0).tokens
+    c = generate(model, ids, mask, jax.random.key(2), sample, eos_ids=(2,), pad_id=0).tokens
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    greedy = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=16, greedy=True),
+                      eos_ids=(2,), pad_id=0).tokens
+    top1 = generate(model, ids, mask, jax.random.key(5), SamplingConfig(max_new_tokens=16, top_k=1, top_p=1.0),
+                    eos_ids=(2,), pad_id=0).tokens
+    assert np.array_equal(greedy, top1)
+
+
+def test_bad_sampling_settings():
+    with pytest.raises(PosiError, match="temperature must be > 0"):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(PosiError, match="top_p"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(PosiError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
