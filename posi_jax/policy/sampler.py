@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from posi_jax.config import check_numbers
 from posi_jax.errors import PosiError
 from posi_jax.models.llama import KVCache, LlamaForCausalLM, positions_from_mask
 
@@ -27,13 +28,13 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     greedy: bool = False
 
+    BOUNDS: ClassVar[dict[str, str]] = {"max_new_tokens": "[1, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)"}
+
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise PosiError(f"sampling: max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        check_numbers(self, "sampling.")
         if not self.greedy and not self.temperature > 0:
-            raise PosiError(f"sampling: temperature must be > 0, got {self.temperature} (argmax decoding: greedy)")
-        if not 0 < self.top_p <= 1:
-            raise PosiError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
+            raise PosiError(f"sampling.temperature must be > 0, got {self.temperature} "
+                            "(argmax decoding: --greedy, or sampling.greedy=true in a config)")
 
 
 class Generation(NamedTuple):
@@ -117,6 +118,8 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, cfg: SamplingCon
 def generate(model: LlamaForCausalLM, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, *, eos_ids, pad_id: int
              ) -> Generation:
     """prompt_ids/prompt_mask [B, P] LEFT-padded (every row's last slot is a real token)."""
+    if cfg.top_k > model.config.vocab_size:
+        raise PosiError(f"sampling.top_k {cfg.top_k} is larger than the model's vocabulary of {model.config.vocab_size}")
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool), rng,
                      cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -202,10 +203,8 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
         if hasattr(trainer.reward_fn, "call_index"):
             # PosiReward's per_call noise is keyed by its call count: one call per iteration, so continue from there.
             trainer.reward_fn.call_index = start
-        if metrics_path.is_file():  # drop lines logged after the checkpoint (they will be redone)
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= start]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+        # drop lines logged after the checkpoint (they will be redone)
+        checkpointing.rewind_log(metrics_path, lambda row: row.get("iteration", 0) <= start)
     elif metrics_path.exists():
         metrics_path.unlink()
     history = []
@@ -216,6 +215,15 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
         bar = tqdm(total=trainer.iterations, initial=start, unit="it", desc="ppo")
     for iteration in range(start, trainer.iterations):
         metrics = trainer.step()
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if bad:  # checked before anything of this iteration is logged or saved
+            if bar is not None:
+                bar.close()
+            last = checkpointing.latest_step(output_dir)
+            kept = (f"the last good checkpoint, iteration {last}, is kept in {output_dir / 'checkpoints'}"
+                    if last is not None else "no checkpoint was saved")
+            raise PosiError(f"iteration {iteration + 1}: non-finite {', '.join(bad[:4])}; stopped without saving it; "
+                            f"{kept}. Lower optim.learning_rate or check the reward")
         history.append(metrics)
         if jax.process_index() == 0:
             record = dict(metrics)

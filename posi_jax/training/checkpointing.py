@@ -12,10 +12,14 @@ not an array. `keep` keeps the newest N steps. Layout: `run_dir/checkpoints/<ste
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Callable
 
 import jax
 
+from posi_jax import interrupts
 from posi_jax.errors import PosiError
 
 _EXTRA = "extra"
@@ -42,8 +46,9 @@ def save(run_dir, step: int, items: dict, extra: dict | None = None, *, keep: in
         raise PosiError(f"{run_dir}: checkpoint for step {step} already exists")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args[_EXTRA] = ocp.args.JsonSave(dict(extra or {}))
-    mgr.save(step, args=ocp.args.Composite(**args))
-    mgr.wait_until_finished()
+    with interrupts.deferred():  # a Ctrl-C meanwhile exits once the checkpoint is complete
+        mgr.save(step, args=ocp.args.Composite(**args))
+        mgr.wait_until_finished()
     mgr.close()
     return Path(run_dir) / "checkpoints" / str(step)
 
@@ -87,3 +92,23 @@ def restore(run_dir, step: int | None, abstract: dict) -> tuple[dict, dict]:
 
 def _as_abstract(x):
     return x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def rewind_log(path, keep: Callable[[dict], bool]) -> None:
+    """Cut a resumed run's JSONL metrics log down to the rows `keep` accepts (those logged up to the restored
+    checkpoint: the rest are logged again as the run redoes them). Lines that are not JSON objects (the tail of a
+    killed write) go too. The file is replaced atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and keep(row):
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -22,7 +22,7 @@ from posi_jax.data.jsonl import JsonlAppender
 from posi_jax.data.openai_compat import backoff_delay, parse_retry_after
 from posi_jax.data.posi import POSI_INSTRUCTION
 from posi_jax.errors import PosiError
-from tests.conftest import REPO
+from tests.conftest import REPO, default_sigint
 from tests.fake_openai_server import SAFE_PREFIX, FakeOpenAI
 POSI_DATA = REPO.parent / "shared" / "data" / "posi"
 # Small waits so the whole file runs in seconds; the retry logic is the same as with the defaults.
@@ -208,7 +208,7 @@ def start_cli(fake: FakeOpenAI, src: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "posi_jax.build_dataset", str(src), "--out", str(out), "--base-url", fake.base_url,
          "--concurrency", "3", "--backoff-base", "0.01", "--timeout", "5"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def wait_for_lines(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 30.0):
