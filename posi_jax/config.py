@@ -67,13 +67,20 @@ def number_problem(value: Any, kind: type, interval: str | None = None) -> str |
         return "must be an integer" if kind is int else "must be a number"
     if kind is int and not isinstance(value, numbers.Integral):
         return "must be an integer"
-    if not math.isfinite(value):
-        return "must be a finite number"
     if kind is int and abs(value) > INT_LIMIT:
         return f"must be at most {INT_LIMIT} in magnitude"
+    if kind is float and not _finite_float(value):
+        return "must be a finite number"
     if interval is not None and value not in Interval.parse(interval):
         return f"must be {Interval.parse(interval).describe()}"
     return None
+
+
+def _finite_float(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 @functools.cache

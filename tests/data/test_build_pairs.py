@@ -109,6 +109,21 @@ def test_all_pairs_written_once_and_transient_errors_recovered(fake, tmp_path):
     assert_each_once(out, prompts)
 
 
+def test_progress_does_not_count_abandoned_prompts(fake, tmp_path):
+    """Three prompts in a row failing stop the run while another waits out a Retry-After: that one is abandoned (asked
+    again by the next run), and the progress lines count only the three that finished."""
+    fake.retry_after = "30"
+    fake.script({"wait-": ["429"], "bad-": ["500"]})
+    src = prompts_file(tmp_path, ["wait-0 a riot", "bad-0 a fight", "bad-1 a fight", "bad-2 a fight"])
+    lines = []
+    options = BuildOptions(concurrency=3, max_retries=1, backoff_base_s=0.01, backoff_max_s=5.0, timeout_s=2.0,
+                           base_url=fake.base_url)
+    with pytest.raises(PosiError, match="3 prompts in a row failed"):
+        build_dataset(src, tmp_path / "o.jsonl", options, log=lines.append)
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress[-1].startswith("[3/4] pairs 0, rejected 0, failed 3"), progress
+
+
 def test_concurrency_is_bounded(fake, tmp_path):
     fake.delay_s = 0.1
     prompts = [f"item-{i:02d} scene" for i in range(12)]
