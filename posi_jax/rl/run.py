@@ -76,7 +76,6 @@ def train(cfg: PPORunConfig, *, resume: bool = False, reward_fn: RewardFn | None
     return summary
 
 
-
 def check_run_dir(cfg: PPORunConfig, resume: bool) -> None:
     """A resumed run needs a checkpoint and the same config as before (but for RESUME_MAY_CHANGE); a new run needs an
     out_dir without checkpoints."""

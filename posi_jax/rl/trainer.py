@@ -191,6 +191,8 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
     """Train until `trainer.iterations`, appending metrics to output_dir/metrics.jsonl; checkpoints under
     output_dir/checkpoints (training.checkpointing layout). With `resume`, continue from the latest checkpoint exactly (state,
     RNG, data order: the prompts of iteration i are a function of the seed and i)."""
+    if save_every < 1:
+        raise PosiError(f"save_every must be ≥ 1, got {save_every}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / "metrics.jsonl"
