@@ -87,3 +87,62 @@ def build_tiny_sd_folder(folder: Path, variant: str = "v1", seed: int = 0) -> Pa
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+CHECKER_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+CHECKER_PROJECTION = 16
+
+
+def smooth_images(n: int, size: int, seed: int):
+    """float32 [n, size, size, 3] in [0, 1]: upsampled 4x4 noise, smooth as decoded images are."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, (n, 4, 4, 3)).astype(np.uint8)
+    up = [np.asarray(Image.fromarray(s).resize((size, size), Image.Resampling.BICUBIC)) for s in small]
+    return np.stack(up).astype(np.float32) / 255.0
+
+
+def add_safety_checker(folder: Path, image_size: int = 32, calibration_images=None, seed: int = 0) -> Path:
+    """Write a tiny random `StableDiffusionSafetyChecker` (safety_checker/) and its CLIPImageProcessor
+    (feature_extractor/) into an SD folder, registered in model_index.json as diffusers does.
+
+    A random tower embeds every image in nearly one direction, so thresholds drawn at random flag all images or none.
+    Instead two concepts and one special-care concept get thresholds in the middle of the cosines of
+    `calibration_images` (float [N, H, W, 3] in [0, 1]; default: smooth random images), the others never fire: about
+    half of such images are flagged, and special care (its + 0.01) decides some of them."""
+    import numpy as np
+    import torch
+    import transformers
+    from diffusers.pipelines.stable_diffusion import safety_checker as ref
+    from diffusers.utils import numpy_to_pil
+
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+        vision_config=dict(CHECKER_VISION, image_size=image_size), projection_dim=CHECKER_PROJECTION)
+    checker = ref.StableDiffusionSafetyChecker(config).eval()
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                crop_size={"height": image_size, "width": image_size})
+    if calibration_images is None:
+        calibration_images = smooth_images(16, image_size, seed)
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        pixels = processor(numpy_to_pil(np.asarray(calibration_images)), return_tensors="pt").pixel_values
+        embeds = checker.visual_projection(checker.vision_model(pixels)[1])
+        concept = np.median(ref.cosine_distance(embeds, checker.concept_embeds).numpy(), axis=0)
+        special = np.median(ref.cosine_distance(embeds, checker.special_care_embeds).numpy(), axis=0)
+        checker.concept_embeds_weights.fill_(1.0)  # a cosine never exceeds 1: these concepts never fire
+        checker.concept_embeds_weights[[3, 11]] = torch.from_numpy(concept[[3, 11]] + np.float32(0.005))
+        checker.special_care_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights[1] = float(special[1])
+    checker.save_pretrained(str(folder / "safety_checker"))
+    processor.save_pretrained(str(folder / "feature_extractor"))
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2))
+    return folder
