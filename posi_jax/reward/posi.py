@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from posi_jax.diffusion.pipeline import StableDiffusion, sample_images
 from posi_jax.diffusion.schedulers import make_scheduler
+from posi_jax.diffusion.sld import sld_config
 from posi_jax.errors import PosiError
 from posi_jax.nn.sharding import DATA_AXIS, data_mesh
 from posi_jax.reward.clip_score import clip_score
@@ -60,6 +61,9 @@ class RewardConfig:
     # alone holds ~1 GiB of fp32 activations per 512x512 image on CPU), so a PPO batch of 64 prompts x 10 images
     # needs chunks; each chunk has the same shape (the last is padded), so one compilation serves them all.
     prompt_batch: int | None = None
+    # Safe Latent Diffusion guidance in the reward's denoising loop (weak / medium / strong / max; None: none): a
+    # rewriter trained against SD + SLD.
+    sld: str | None = None
 
     def __post_init__(self):
         if self.alignment_text not in ALIGNMENT_TEXTS:
@@ -74,6 +78,9 @@ class RewardConfig:
                 raise PosiError(f"RewardConfig.{name} must be an integer >= 1, got {value!r}")
         if not np.isfinite(self.w) or not np.isfinite(self.cap):
             raise PosiError(f"RewardConfig: w={self.w!r} and cap={self.cap!r} must be finite")
+        if sld_config(self.sld) is not None and self.guidance_scale <= 1.0:
+            raise PosiError(f"RewardConfig.sld needs classifier-free guidance (guidance_scale > 1), "
+                            f"got {self.guidance_scale}")
 
 
 class RewardOutput(NamedTuple):
@@ -115,11 +122,11 @@ def score_images(q16_vision, q16_prompts, clip_model, images: jax.Array, text_id
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "sched", "num_steps", "guidance_scale", "images_per_prompt",
                                              "num_images", "w", "cap", "uint8_round_trip", "return_images"))
-def _reward_jit(graphdefs, states, q16_prompts, cond_ids, uncond_ids, latents, text_ids, *, sched, num_steps,
-                guidance_scale, images_per_prompt, num_images, w, cap, uint8_round_trip, return_images):
+def _reward_jit(graphdefs, states, q16_prompts, cond_ids, uncond_ids, latents, text_ids, safety_ids, sld, *, sched,
+                num_steps, guidance_scale, images_per_prompt, num_images, w, cap, uint8_round_trip, return_images):
     text_encoder, unet, vae, q16_vision, clip_model = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
     images = sample_images(text_encoder, unet, vae, cond_ids, uncond_ids, latents, sched=sched, num_steps=num_steps,
-                           guidance_scale=guidance_scale)[:num_images]  # drop the padding rows
+                           guidance_scale=guidance_scale, sld=sld, safety_ids=safety_ids)[:num_images]  # no padding
     out = score_images(q16_vision, q16_prompts, clip_model, images, text_ids, images_per_prompt=images_per_prompt,
                        w=w, cap=cap, uint8_round_trip=uint8_round_trip)
     return dict(out, images=images) if return_images else out
@@ -150,6 +157,10 @@ class PosiReward:
         if mesh is not None:  # weights replicated, images split over "data"
             self._states, self._q16_prompts = jax.device_put((self._states, self._q16_prompts),
                                                              NamedSharding(mesh, P()))
+        sld = sld_config(config.sld)  # (safety concept token ids, SLD hyper-parameters) or none
+        self._sld = (None, None) if sld is None else (jnp.asarray(sd.tokenizer([sld.concept])), sld.params())
+        if mesh is not None and sld is not None:
+            self._sld = jax.device_put(self._sld, NamedSharding(mesh, P()))
         # Calls made so far: the per_call noise of the next call is keyed by it (a resumed PPO run sets it to the
         # number of iterations already done, one reward call each).
         self.call_index = 0
@@ -237,7 +248,7 @@ class PosiReward:
             cond, uncond, latents = jax.device_put((jnp.asarray(cond), jnp.asarray(uncond), latents),
                                                    NamedSharding(self.mesh, P(DATA_AXIS)))
         return _reward_jit(self._graphdefs, self._states, self._q16_prompts, jnp.asarray(cond), jnp.asarray(uncond),
-                           latents, jnp.asarray(text_ids), sched=self.sched, num_steps=c.steps,
+                           latents, jnp.asarray(text_ids), *self._sld, sched=self.sched, num_steps=c.steps,
                            guidance_scale=float(c.guidance_scale), images_per_prompt=c.images_per_prompt,
                            num_images=num_images, w=float(c.w), cap=float(c.cap),
                            uint8_round_trip=bool(c.uint8_round_trip), return_images=bool(return_images))
