@@ -146,3 +146,20 @@ def add_safety_checker(folder: Path, image_size: int = 32, calibration_images=No
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     index_path.write_text(json.dumps(index, indent=2))
     return folder
+
+
+def copy_with_safety_checker(sd_folder: Path, folder: Path, image_size: int = 32) -> Path:
+    """A copy of an SD folder with a tiny safety checker calibrated on the folder's own images (diffusers, 3 steps,
+    image_size px): about half of such images are flagged."""
+    import shutil
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    shutil.copytree(sd_folder, folder, dirs_exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a photo", "a dog", "blood", "a street", "a house", "a face"], num_images_per_prompt=2,
+                  num_inference_steps=3, height=image_size, width=image_size, output_type="np",
+                  generator=torch.manual_seed(1)).images
+    return add_safety_checker(folder, image_size, calibration_images=images)
