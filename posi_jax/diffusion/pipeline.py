@@ -25,8 +25,8 @@ from posi_jax.nn.sharding import DATA_AXIS, data_mesh
 
 
 def sample_images(text_encoder, unet, vae, cond_ids: jax.Array, uncond_ids: jax.Array, latents: jax.Array, *,
-                  sched: Scheduler, num_steps: int, guidance_scale: float | jax.Array, sld: SLDConfig | SLDParams | None = None,
-                  safety_ids: jax.Array | None = None) -> jax.Array:
+                  sched: Scheduler, num_steps: int, guidance_scale: float | jax.Array,
+                  sld: SLDConfig | SLDParams | None = None, safety_ids: jax.Array | None = None) -> jax.Array:
     """Denoise `latents` (initial noise [N, h, w, C], unscaled) conditioned on `cond_ids` (int [N, 77]) with
     classifier-free guidance against `uncond_ids` (the negative prompts, "" by default), then decode with the VAE.
 

@@ -30,8 +30,8 @@ from posi_jax.errors import PosiError
 
 # The safety concept of the paper and its reference implementation: the I2P categories written out.
 SAFETY_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, nudity,"
-                  " bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child"
-                  " abuse, brutality, cruelty")
+                  " bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons,"
+                  " child abuse, brutality, cruelty")
 
 
 @dataclass(frozen=True)

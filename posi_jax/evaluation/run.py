@@ -9,7 +9,12 @@ Per prompt and overall, for the original prompts and for their rewrites:
   rewritten one (does the image follow what was asked?);
 - text similarity of the rewrite to the original: cosine of their CLIP ViT-B/32 text embeddings, and a cheap lexical
   one (difflib's matching-word ratio).
-Prompts with I2P-style categories also get one inappropriate probability per category.
+Prompts with I2P-style categories also get one inappropriate probability per category. With an SD safety checker,
+each image's flag and each side's flag rate are reported too.
+
+The methods table generalises the two sides to a list of methods (`methods.py`: original prompt or rewrite, with or
+without a negative prompt or SLD), each measured the same way from the same seeds; the default list is the paper's
+two sides, so the records, files and resuming are the same code either way.
 
 Everything is resumable: rewrites go to `rewrites.jsonl` and finished prompts to `per_prompt.jsonl` as they are done
 (one fsynced line each), so a crash or Ctrl-C loses at most the batch in flight, and the same command resumes.
@@ -44,7 +49,7 @@ SETTINGS_FILE = "settings.json"
 class EvalOptions:
     images_per_prompt: int = 10
     seed: int = 0  # prompt i's images (both sides) use seed + i
-    batch_prompts: int = 4  # prompts per image-generation call (each gives 2 × images_per_prompt images)
+    batch_prompts: int = 4  # prompts per image-generation call (each gives images_per_prompt images per method)
     q16_threshold: float = Q16_THRESHOLD
     grid_rows: int = 8  # the first prompts shown in grid.png (their images are always saved)
     grid_images: int = 2  # images per side per grid row

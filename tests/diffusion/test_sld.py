@@ -3,6 +3,11 @@ with every preset against diffusers' StableDiffusionPipelineSafe on the tiny ran
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +17,7 @@ import pytest
 from posi_jax.diffusion.pipeline import StableDiffusion
 from posi_jax.diffusion.sld import SLD_PRESETS, SLDConfig, sld_config, sld_guidance
 from posi_jax.errors import PosiError
-from tests.conftest import max_abs
+from tests.conftest import REPO, max_abs
 
 PROMPTS = ["a photo of a cat", "a red car on a road"]
 NEGATIVE = ["blurry", ""]
@@ -90,7 +95,17 @@ def sd(tiny_sd_folder):
     return StableDiffusion.from_folder(tiny_sd_folder, mesh=None)
 
 
-def test_every_preset_matches_diffusers_safe_pipeline(tiny_sd_folder, sd):
+@pytest.fixture(scope="module")
+def ours(sd):
+    """Every preset's images from the same latents (the presets share one compilation)."""
+    latents = sd.initial_latents(0, len(PROMPTS) * PER_PROMPT)
+    images = {name: np.asarray(sd.generate(PROMPTS, NEGATIVE, steps=STEPS, latents=latents, sld=name,
+                                           num_images_per_prompt=PER_PROMPT, guidance_scale=GUIDANCE))
+              for name in SLD_PRESETS}
+    return latents, images
+
+
+def test_every_preset_matches_diffusers_safe_pipeline(tiny_sd_folder, ours):
     import torch
     from diffusers import StableDiffusionPipelineSafe
     from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
@@ -99,7 +114,7 @@ def test_every_preset_matches_diffusers_safe_pipeline(tiny_sd_folder, sd):
                                                        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.safety_concept == SLD_PRESETS["max"].concept
-    latents = sd.initial_latents(0, len(PROMPTS) * PER_PROMPT)
+    latents, images = ours
     kw = dict(num_images_per_prompt=PER_PROMPT, guidance_scale=GUIDANCE)
     ref_kw = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, height=16, width=16, output_type="np",
                   latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2).copy()), **kw)
@@ -110,9 +125,8 @@ def test_every_preset_matches_diffusers_safe_pipeline(tiny_sd_folder, sd):
         assert ref_cfg == {"sld_warmup_steps": cfg.warmup_steps, "sld_guidance_scale": cfg.guidance_scale,
                            "sld_threshold": cfg.threshold, "sld_momentum_scale": cfg.momentum_scale,
                            "sld_mom_beta": cfg.momentum_beta}
-        ours = np.asarray(sd.generate(PROMPTS, NEGATIVE, steps=STEPS, latents=latents, sld=name, **kw))
         ref = pipe(PROMPTS, **ref_kw, **ref_cfg).images
-        err, effect = max_abs(ours, ref), max_abs(ours, plain)
+        err, effect = max_abs(images[name], ref), max_abs(images[name], plain)
         print(f"SLD {name}: max abs error {err:.2e} vs diffusers; changes the images by up to {effect:.3f}")
         assert err <= TOL
         assert effect > 1e-3  # the safety guidance acted
@@ -125,3 +139,33 @@ def test_sld_input_errors(sd):
         sd.generate(PROMPTS, steps=2, sld="nope")
     with pytest.raises(PosiError, match="concept must be a non-empty string"):
         dataclasses.replace(SLD_PRESETS["max"], concept=" ")
+
+
+_SHARDED = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax
+    from posi_jax.diffusion.pipeline import StableDiffusion
+    folder, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    prompts, negative, latents = json.loads(sys.argv[4]), json.loads(sys.argv[5]), np.load(sys.argv[6])
+    sd = StableDiffusion.from_folder(folder)  # mesh over both (fake) devices: one image each
+    assert sd.mesh.shape["data"] == jax.device_count() == 2
+    images = sd.generate(prompts, negative, steps=steps, latents=latents, sld="max", guidance_scale=7.5)
+    assert len(images.sharding.device_set) == 2, images.sharding
+    np.save(out, np.asarray(images))
+""")
+
+
+def test_sld_sharded_over_two_devices_equals_one_device(tiny_sd_folder, ours, tmp_path):
+    """The concept row and the momentum follow each image onto its device: sharding changes nothing."""
+    latents, images = ours
+    np.save(tmp_path / "latents.npy", np.asarray(latents))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", _SHARDED, str(tiny_sd_folder), str(tmp_path / "out.npy"), str(STEPS),
+                        json.dumps(PROMPTS), json.dumps(NEGATIVE), str(tmp_path / "latents.npy")],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = max_abs(np.load(tmp_path / "out.npy"), images["max"])
+    print(f"SLD max sharded (2 devices) vs unsharded max abs {err:.2e}")
+    # max's strength min(5000·|ε_p − ε_S|, 1) turns the 1e-7 float noise of other matmul batch shapes into ~1e-5
+    assert err <= TOL

@@ -148,9 +148,8 @@ def test_methods_table_end_to_end(tmp_path, tiny_sd_checker_folder, tiny_clip, c
         for key, col in [("inappropriate_prob", "inappropriate_prob"), ("safety_checker_rate", "safety_checker_rate"),
                          ("clip_score_original", "clip_score_vs_original")]:
             assert float(r[col]) == pytest.approx(np.mean([p[key] for p in per_prompt]), abs=1e-6)
-        assert float(r["inappropriate_prob[violence]"]) == pytest.approx(
-            np.mean([p[r["method"]]["inappropriate_prob"] for p in results["prompts"] if "violence" in p["categories"]]),
-            abs=1e-6)
+        violence = [p[r["method"]]["inappropriate_prob"] for p in results["prompts"] if "violence" in p["categories"]]
+        assert float(r["inappropriate_prob[violence]"]) == pytest.approx(np.mean(violence), abs=1e-6)
         assert (r["text_similarity_clip"] != "") == r["method"].startswith("posi")
     md = (out / ev_report.TABLE_MD).read_text()
     assert "| POSI (r.txt) + negative prompt |" in md and "SD safety checker ↓" in md
