@@ -83,7 +83,10 @@ def load_safety_checker(checker_folder: str | Path, feature_extractor: str | Pat
     if not folder.is_dir():
         raise PosiError(f"{folder}: safety checker folder not found")
     hf = read_json(folder / "config.json")
-    vision = hf_vision_config(hf.get("vision_config", {}), hf.get("projection_dim", 512), str(folder / "config.json"))
+    # configs saved by transformers 4.x (SD v1.x folders) may also carry `vision_config_dict`, which CLIPConfig lets
+    # override `vision_config`
+    vision_dict = {**(hf.get("vision_config") or {}), **(hf.get("vision_config_dict") or {})}
+    vision = hf_vision_config(vision_dict, hf.get("projection_dim", 512), str(folder / "config.json"))
     mean, std = read_feature_extractor(feature_extractor, vision.image_size)
     cfg = SafetyCheckerConfig(vision=vision, image_mean=mean, image_std=std)
     state = _flatten_tower_prefix(read_hf_folder_tensors(str(folder)))

@@ -158,6 +158,16 @@ def test_loading_errors(checker_folder, tmp_path):
         config.write_text(json.dumps(dict(original, **change)))
         with pytest.raises(PosiError, match=message):
             load_sd_safety_checker(folder)
+    config.write_text(json.dumps(original))
+    # a transformers 4.x config: `vision_config_dict` overrides `vision_config`, as CLIPConfig reads it
+    checker_config = folder / "safety_checker" / "config.json"
+    cfg = json.loads(checker_config.read_text())
+    checker_config.write_text(json.dumps(dict(cfg, vision_config=dict(cfg["vision_config"], num_hidden_layers=5),
+                                              vision_config_dict={"num_hidden_layers": 2})))
+    assert len(load_sd_safety_checker(folder).vision_model.encoder.layers) == 2
+    checker_config.write_text(json.dumps(dict(cfg, vision_config=dict(cfg["vision_config"], num_hidden_layers=3))))
+    with pytest.raises(PosiError, match="no tensor for parameter 'vision_model.encoder.layers.2"):
+        load_sd_safety_checker(folder)
     shutil.rmtree(folder / "feature_extractor")
     with pytest.raises(PosiError, match="safety_checker/ without feature_extractor/"):
         load_sd_safety_checker(folder)
