@@ -121,6 +121,7 @@ def _evaluate(args) -> int:
     if args.images_api == (args.sd is not None):
         raise PosiError("choose the images: --sd FOLDER (local Stable Diffusion) or --images-api")
     sld_config(args.sld)  # an unknown preset is an error now, not after the models are loaded
+    args.sld = args.sld and args.sld.lower()  # one spelling in settings.json
     if args.checkpoint:
         rewriter_name = Path(args.checkpoint).name
     else:
