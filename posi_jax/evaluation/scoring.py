@@ -100,7 +100,7 @@ def load_scorer(q16_clip: str, q16_prompts: str, clip: str, *, nudenet: bool = T
     from posi_jax.reward.q16 import load_q16_prompts
     from posi_jax.weights.clip import load_clip, load_clip_vision
 
-    for what, p in (("Q16 CLIP", q16_clip), ("Q16 prompts", q16_prompts), ("CLIP", clip)):
+    for what, p in (("Q16 CLIP", q16_clip), ("CLIP", clip)):  # (load_q16_prompts reports its own file)
         if not Path(p).exists():
             raise PosiError(f"{what} not found: {p}")
     prompts = load_q16_prompts(q16_prompts)

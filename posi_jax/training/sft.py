@@ -25,7 +25,7 @@ from flax import nnx
 
 from posi_jax.config import DTYPES, parse_dtype, read_json_config, to_dict
 from posi_jax.data.batches import Batch, bucketed_batches
-from posi_jax.data.posi import UPSTREAM_SFT_URL, load_posi_records, split_records
+from posi_jax.data.posi import load_posi_records, split_records
 from posi_jax.errors import PosiError
 from posi_jax.nn.lora import LoRAParam, add_lora
 from posi_jax.policy.adapters import save_adapter
@@ -40,8 +40,8 @@ _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every"
 @dataclass(frozen=True)
 class SFTConfig:
     base: str | None = None  # policy checkpoint (.gguf / HF folder); None: the embedded SmolLM2-135M-Instruct GGUF
-    data: str = UPSTREAM_SFT_URL  # POSI JSON: a local path or an http(s) URL (cached in cache_dir)
-    cache_dir: str | None = None
+    data: str = "posi:sft_toxic_clean.json"  # POSI JSON: a path, posi:NAME or a URL (posi_jax.data.posi resolver)
+    cache_dir: str | None = None  # where posi:NAME / URLs are cached (default: $POSI_JAX_CACHE or ~/.cache/posi_jax)
     out_dir: str = "runs/sft"
     finetune: str = "lora"  # "lora" | "full"
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
