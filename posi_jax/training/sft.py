@@ -6,8 +6,9 @@ token-mean cross entropy in fp32 and hands the gradient to optax (AdamW, warmup 
 in `optax.MultiSteps`, which applies an update every `grad_accum` micro-batches. The data order is a pure function of
 (seed, epoch), so a checkpoint (trainable, optimizer state, dropout keys, step) resumes exactly.
 
-Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl`, `out_dir/checkpoints/<step>/` (orbax; with LoRA only
-the adapter and its optimizer state), and at the end `out_dir/adapter/` (LoRA) — the folder `load_policy` accepts.
+Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl` (+ TensorBoard events, training/metrics.py),
+`out_dir/checkpoints/<step>/` (orbax; with LoRA only the adapter and its optimizer state), and at the end
+`out_dir/adapter/` (LoRA) — the folder `load_policy` accepts.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from posi_jax.policy.adapters import save_adapter
 from posi_jax.policy.chat import encode_examples
 from posi_jax.policy.load import load_base_policy
 from posi_jax.training import checkpointing
+from posi_jax.training.metrics import MetricsWriter
 SFT_RUN_CONFIG = "sft_config.json"  # what marks an SFT run folder
 # Fields that may change between a run and its resumption (they do not affect the numbers).
 _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every", "out_dir"}
@@ -276,11 +278,8 @@ class SFTTrainer:
         start_micro = 0
         if resume and checkpointing.latest_step(cfg.out_dir) is not None:
             start_micro = self.restore()
-        metrics_file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
-
-        def log(row):
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+        metrics = MetricsWriter(cfg.out_dir, "step", resume_step=start_micro // cfg.grad_accum if resume else None)
+        log = metrics.write
 
         summary: dict = {"train_examples": len(self.train_examples), "val_examples": len(self.val_examples),
                          "dropped_over_cutoff": self.dropped, "total_steps": self.total_steps}
@@ -336,7 +335,7 @@ class SFTTrainer:
                 log({"step": step, "val_loss": summary["val_loss"]})
             if cfg.finetune == "lora":
                 self.export_adapter(Path(cfg.out_dir) / "adapter", {"step": step})
-        metrics_file.close()
+        metrics.close()
         return summary
 
     def export_adapter(self, folder, provenance: dict | None = None) -> Path:
