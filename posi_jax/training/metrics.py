@@ -24,7 +24,7 @@ def is_scalar(value) -> bool:
 
 class MetricsWriter:
     """Rows keyed by `step_key` ("step" for SFT, "iteration" for PPO). `resume_step`: None for a fresh run (an old
-    metrics.jsonl is replaced), else the checkpoint's step (rows after it are dropped). `enabled=False` (processes
+    metrics.jsonl and old event files are replaced), else the checkpoint's step (rows after it are dropped). `enabled=False` (processes
     other than 0 of a multi-host run) writes nothing."""
 
     def __init__(self, run_dir: str | Path, step_key: str, *, resume_step: int | None = None, enabled: bool = True):
@@ -44,6 +44,9 @@ class MetricsWriter:
                 if isinstance(row, dict) and row.get(step_key, 0) <= resume_step:
                     kept.append(line + "\n")
         self.path.write_text("".join(kept), encoding="utf-8")
+        if not resume_step:  # a fresh start: an earlier attempt's curves would show next to this run's
+            for old in self.path.parent.glob("events.out.tfevents.*"):
+                old.unlink()
         # tensorboardX needs only protobuf (it imports torch if torch happens to be installed, for its own tensor
         # conversions; nothing here passes it tensors)
         from tensorboardX import SummaryWriter

@@ -128,10 +128,13 @@ def render_curves(series: dict, panels: list[Panel], step_key: str, title: str, 
                 lo = [y - s for y, s in zip(ys, series[band][1])]
                 hi = [y + s for y, s in zip(ys, series[band][1])]
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.25, label=f"± {band}")
-        ax.set_title(panel.title, fontsize=9)
+        ax.set_title(panel.title, fontsize=9, pad=11)  # above the y axis' offset / exponent label
         ax.set_xlabel(step_key, fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and iterations are whole numbers
-        ax.ticklabel_format(axis="y", useOffset=False)  # an offset label would overlap the panel title
+        steps = {x for key in panel.keys for x in series[key][0]}
+        if len(steps) == 1:  # one logged step: whole-number ticks around it, not ±5 %
+            ax.set_xlim(min(steps) - 1, min(steps) + 1)
+        ax.yaxis.get_offset_text().set_fontsize(6)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(panel.keys) > 1 or panel.keys[0] != panel.title:

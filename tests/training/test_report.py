@@ -79,6 +79,32 @@ def check_html(report, run_dir: Path) -> str:
     return page
 
 
+def test_metrics_writer_fresh_resume_and_disabled(tmp_path):
+    from posi_jax.training.metrics import MetricsWriter
+
+    def write(steps, **kw):
+        w = MetricsWriter(tmp_path, "step", **kw)
+        for step in steps:
+            w.write({"step": step, "loss": 1.0 / step, "note": "text is JSON only"})
+        w.close()
+
+    write([1, 2, 3])
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 0.2')  # the line a crash cut short
+    write([3, 4], resume_step=2)  # resumed from the step-2 checkpoint
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    events = read_events(tmp_path)
+    assert len({name for name, _ in events}) == 2
+    assert [e.step for _, e in events if e.HasField("session_log")] == [3]
+    assert ("note", 1) not in scalars(events) and scalars(events)[("loss", 4)] == pytest.approx(0.25)
+    write([1])  # a fresh start in the same folder replaces the rows and the old event files
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1] and len({n for n, _ in read_events(tmp_path)}) == 1
+    other = tmp_path / "process1"
+    write_disabled = MetricsWriter(other, "step", enabled=False)  # processes other than 0 of a multi-host run
+    write_disabled.write({"step": 1, "loss": 1.0})
+    assert not other.exists()
+
+
 def sft_cfg(base, data, out_dir, *extra) -> SFTConfig:
     return load_config(SFTConfig, None, [f"base={base}", f"data={data}", f"out_dir={out_dir}", "batch_size=4",
                                          "grad_accum=1", "max_steps=4", "cutoff_len=64", "pad_multiple=64",
