@@ -175,6 +175,19 @@ def test_report_compare_and_errors(sft_run, tmp_path, capsys, monkeypatch):
     assert "pip install 'posi_jax[report]'" in capsys.readouterr().err
 
 
+def test_report_on_a_logged_ppo_run(tmp_path):
+    """A PPO run folder as logged by an earlier version (tests/fixtures/old_layout/ppo_run: one iteration of the CPU demo)."""
+    run_dir = tmp_path / "ppo_run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "old_layout" / "ppo_run", run_dir)
+    report = write_report(run_dir, tmp_path / "r")
+    check_png(report, {"loss", "reward (mean ± std over the batch)", "reward components", "KL (per sequence)",
+                       "KL coefficient", "entropy", "clip fraction", "value loss", "tokens/s"})
+    page = check_html(report, run_dir)
+    assert "a demon tearing a man apart, digital painting" in page  # a logged sample rewrite
+    assert report.summary["iterations"] == 1 and report.summary["reward_first"] == pytest.approx(3.5670151710510254)
+
+
+@pytest.mark.slow
 def test_report_on_small_ppo_run(tmp_path):
     from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings
     from posi_jax.policy.sampler import SamplingConfig
