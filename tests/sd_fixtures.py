@@ -12,7 +12,6 @@ v2: SD v2.x-style UNet (linear proj_in/proj_out, per-block `attention_head_dim` 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from pathlib import Path
 
@@ -40,8 +39,10 @@ TEXT = dict(vocab_size=TEXT_VOCAB, hidden_size=32, intermediate_size=64, num_hid
             eos_token_id=TEXT_VOCAB - 1, pad_token_id=TEXT_VOCAB - 1, projection_dim=32)
 
 
-def write_clip_tokenizer_folder(folder: Path) -> None:
-    """A CLIP BPE tokenizer folder (vocab.json + merges.txt) from the first merges of open_clip's vocabulary."""
+def write_clip_tokenizer_folder(folder: Path, legacy: bool = False) -> None:
+    """A CLIP BPE tokenizer folder from the first merges of open_clip's vocabulary, saved by transformers (version 5
+    writes tokenizer.json + tokenizer_config.json only). `legacy`: also vocab.json + merges.txt, as SD folders on the
+    hub ship them (written by the `tokenizers` library)."""
     import open_clip
     from transformers import CLIPTokenizer
 
@@ -61,12 +62,12 @@ def write_clip_tokenizer_folder(folder: Path) -> None:
     vocab = {s: i for i, s in enumerate(symbols)}
     tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token=EOT, model_max_length=77)
     tok.save_pretrained(str(folder))
-    # transformers 5 writes tokenizer.json only; SD folders on the hub (and our CLIPTokenizer) read these two
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    if legacy:
+        tok.backend_tokenizer.model.save(str(folder))
 
 
 def build_tiny_sd_folder(folder: Path, variant: str = "v1", seed: int = 0) -> Path:
+    """The folder exactly as the installed diffusers/transformers save it (tokenizer/: tokenizer.json, no vocab.json)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

@@ -232,7 +232,6 @@ def make_grid(out_dir: Path, records: list[dict], *, images_per_side: int = 2, t
     return path
 
 
-
 def write_reports(out_dir: Path, records: list[dict], summary: dict, settings: dict, rewriter_name: str, *,
                   grid_rows: int, grid_images: int, grid_thumb: int,
                   methods: list[Method] | None = None) -> dict[str, Path]:

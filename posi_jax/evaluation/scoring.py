@@ -26,7 +26,6 @@ def lexical_similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, wa, wb, autojunk=False).ratio()
 
 
-
 @functools.cache
 def _jitted_features():
     """(image_features, text_features), jitted once per process so every Scorer shares the compilations."""
@@ -96,12 +95,14 @@ class Scorer:
 
 
 def load_clip_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a CLIP checkpoint: an HF folder's vocab.json/merges.txt, else OpenAI's BPE (open_clip's)."""
+    """The tokenizer of a CLIP checkpoint: an HF folder's own (tokenizer.json, or vocab.json + merges.txt; in the
+    folder or its tokenizer/), else OpenAI's BPE (open_clip's) for OpenAI / open_clip checkpoint files."""
     from posi_jax.models.clip_tokenizer import CLIPTokenizer
+    from posi_jax.weights.tokenizer_files import has_tokenizer_files
 
     path = Path(path)
     for folder in (path, path / "tokenizer"):
-        if (folder / "vocab.json").is_file():
+        if has_tokenizer_files(folder):
             return CLIPTokenizer.from_folder(str(folder))
     return CLIPTokenizer.from_open_clip()
 
@@ -110,9 +111,11 @@ def load_scorer(q16_clip: str, q16_prompts: str, clip: str, *, nudenet: bool = T
                 safety_checker: str | None = None) -> Scorer:
     """Q16 CLIP (ViT-L/14; its vision tower), the Q16 prompts, CLIP ViT-B/32 (both towers), NudeNet, and the SD
     safety checker of `safety_checker` (an SD folder with safety_checker/ and feature_extractor/) when given."""
+    from posi_jax.data.posi import posi_or_path
     from posi_jax.reward.q16 import load_q16_prompts
     from posi_jax.weights.clip import load_clip, load_clip_vision
 
+    q16_prompts = posi_or_path(q16_prompts)  # posi:q16_prompts.p -> the local copy of the release's file
     for what, p in (("Q16 CLIP", q16_clip), ("Q16 prompts", q16_prompts), ("CLIP", clip)):
         if not Path(p).exists():
             raise PosiError(f"{what} not found: {p}")
@@ -129,7 +132,6 @@ def load_scorer(q16_clip: str, q16_prompts: str, clip: str, *, nudenet: bool = T
         checker = load_sd_safety_checker(safety_checker)
     return Scorer(load_clip_vision(str(q16_clip)), prompts, load_clip(str(clip)), load_clip_tokenizer(clip),
                   detector, safety_checker=checker)
-
 
 
 def side_metrics(q16: np.ndarray, exposed: list[list[str]], clip_vs_original: np.ndarray,

@@ -104,7 +104,7 @@ class RewardSettings:
     sd_folder: str = ""  # diffusers SD v1.4 folder
     q16_clip: str = ""  # CLIP ViT-L/14 checkpoint (Q16's image encoder)
     clip: str = ""  # CLIP ViT-B/32 checkpoint (alignment score)
-    q16_prompts: str = "../shared/data/posi/q16_prompts.p"
+    q16_prompts: str = "posi:q16_prompts.p"  # a path, or the POSI release file (posi_jax.data.posi resolver)
     weights_seed: int = 0  # tiny_random only
     dtype: str = "float32"
     config: RewardConfig = RewardConfig()  # w, cap, images_per_prompt, steps, guidance_scale, seed_policy, ...
@@ -130,7 +130,7 @@ class PPORunConfig:
     optim: OptimSettings = OptimSettings()
     reward: RewardSettings = RewardSettings()
     mesh: MeshSettings = MeshSettings()
-    prompts: str = "../shared/data/posi/ppo_prompts.json"
+    prompts: str = "posi:ppo_prompts.json"  # a POSI JSON path, or the release file (posi_jax.data.posi resolver)
     max_prompts: int = 0  # use only the first N prompts (0: all)
     max_prompt_tokens: int = 256  # longer user prompts are truncated (with a warning)
     iterations: int = 100
@@ -139,7 +139,6 @@ class PPORunConfig:
     save_every: int = 10
     keep_checkpoints: int = 3
     distributed: bool = False  # jax.distributed.initialize() first (multi-host TPU VMs)
-
 
 
 def load_run_config(path=None, overrides=None) -> PPORunConfig:

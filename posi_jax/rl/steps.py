@@ -63,7 +63,6 @@ def make_optimizer(cfg: OptimSettings, total_steps: int):
     return tx, init
 
 
-
 class Rollout(NamedTuple):
     prompt_ids: jax.Array  # [B, P] int32, left padded
     prompt_mask: jax.Array  # [B, P] bool

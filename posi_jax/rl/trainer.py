@@ -1,5 +1,5 @@
 """The PPO trainer and its loop: rollout with the jitted sampler -> reward -> `rl.steps` (scoring, update) -> KL
-controller, metrics (JSONL + progress bar) and orbax checkpoints.
+controller, metrics (JSONL + TensorBoard, training/metrics.py; progress bar) and orbax checkpoints.
 
 One iteration, as TRL's PPOTrainer.step (which POSI used), with the math of `rl/ppo.py`:
   prompts -> generate (policy/sampler.py) -> texts -> reward_fn(rewritten, original) -> scores [B]
@@ -8,7 +8,6 @@ One iteration, as TRL's PPOTrainer.step (which POSI used), with the math of `rl/
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +25,9 @@ from posi_jax.policy.sampler import SamplingConfig, generate
 from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings
 from posi_jax.rl.kl import make_kl_controller
 from posi_jax.rl.models import build_models
-from posi_jax.rl.steps import StepSpec, TrainState, make_optimizer, ppo_update, score_rollout
+from posi_jax.rl.steps import StepSpec, TrainState, lr_schedule, make_optimizer, ppo_update, score_rollout
 from posi_jax.training import checkpointing
+from posi_jax.training.metrics import MetricsWriter
 
 RewardFn = Callable[[list[str], list[str]], Any]  # (rewritten, original) -> scores [B] (or an object with .reward)
 
@@ -129,7 +129,11 @@ class PPOTrainer:
         t_update = time.perf_counter() - t0
 
         n_tokens = int(keep.sum())
+        updates = (iteration + 1) * self.cfg.ppo_epochs * self.cfg.num_minibatches  # the last one used this rate
+        o = self.optim_cfg
         metrics.update({
+            "ppo/learning_rate": float(lr_schedule(updates - 1, o.learning_rate, self.total_updates, o.warmup_steps,
+                                                   o.schedule == "cosine")),
             "iteration": iteration + 1,
             "reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
             **{f"reward/{k}_mean": float(np.mean(v)) for k, v in components.items()},
@@ -192,7 +196,6 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
     RNG, data order: the prompts of iteration i are a function of the seed and i)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / "metrics.jsonl"
     start = 0
     if resume:
         restored = trainer.restore(output_dir)
@@ -202,12 +205,8 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
         if hasattr(trainer.reward_fn, "call_index"):
             # PosiReward's per_call noise is keyed by its call count: one call per iteration, so continue from there.
             trainer.reward_fn.call_index = start
-        if metrics_path.is_file():  # drop lines logged after the checkpoint (they will be redone)
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= start]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    metrics_log = MetricsWriter(output_dir, "iteration", resume_step=start if resume else None,
+                                enabled=jax.process_index() == 0)  # rows after the checkpoint are dropped (redone)
     history = []
     bar = None
     if progress and jax.process_index() == 0:
@@ -217,12 +216,10 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
     for iteration in range(start, trainer.iterations):
         metrics = trainer.step()
         history.append(metrics)
-        if jax.process_index() == 0:
-            record = dict(metrics)
-            if log_texts:
-                record["samples"] = [{"original": o, "rewritten": r} for o, r in trainer.last_texts[:log_texts]]
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        record = dict(metrics)
+        if log_texts:
+            record["samples"] = [{"original": o, "rewritten": r} for o, r in trainer.last_texts[:log_texts]]
+        metrics_log.write(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
@@ -231,5 +228,6 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
             trainer.save(output_dir, extra, keep=keep)
     if bar is not None:
         bar.close()
+    metrics_log.close()
     return history
 

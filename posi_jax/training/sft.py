@@ -6,8 +6,9 @@ token-mean cross entropy in fp32 and hands the gradient to optax (AdamW, warmup 
 in `optax.MultiSteps`, which applies an update every `grad_accum` micro-batches. The data order is a pure function of
 (seed, epoch), so a checkpoint (trainable, optimizer state, dropout keys, step) resumes exactly.
 
-Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl`, `out_dir/checkpoints/<step>/` (orbax; with LoRA only
-the adapter and its optimizer state), and at the end `out_dir/adapter/` (LoRA) — the folder `load_policy` accepts.
+Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl` (+ TensorBoard events, training/metrics.py),
+`out_dir/checkpoints/<step>/` (orbax; with LoRA only the adapter and its optimizer state), and at the end
+`out_dir/adapter/` (LoRA) — the folder `load_policy` accepts.
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ from flax import nnx
 
 from posi_jax.config import DTYPES, parse_dtype, read_json_config, to_dict
 from posi_jax.data.batches import Batch, bucketed_batches
-from posi_jax.data.posi import UPSTREAM_SFT_URL, load_posi_records, split_records
+from posi_jax.data.posi import load_posi_records, split_records
 from posi_jax.errors import PosiError
 from posi_jax.nn.lora import LoRAParam, add_lora
 from posi_jax.policy.adapters import save_adapter
 from posi_jax.policy.chat import encode_examples
 from posi_jax.policy.load import load_base_policy
 from posi_jax.training import checkpointing
+from posi_jax.training.metrics import MetricsWriter
 SFT_RUN_CONFIG = "sft_config.json"  # what marks an SFT run folder
 # Fields that may change between a run and its resumption (they do not affect the numbers).
 _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every", "out_dir"}
@@ -40,8 +42,8 @@ _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every"
 @dataclass(frozen=True)
 class SFTConfig:
     base: str | None = None  # policy checkpoint (.gguf / HF folder); None: the embedded SmolLM2-135M-Instruct GGUF
-    data: str = UPSTREAM_SFT_URL  # POSI JSON: a local path or an http(s) URL (cached in cache_dir)
-    cache_dir: str | None = None
+    data: str = "posi:sft_toxic_clean.json"  # POSI JSON: a path, posi:NAME or a URL (posi_jax.data.posi resolver)
+    cache_dir: str | None = None  # where posi:NAME / URLs are cached (default: $POSI_JAX_CACHE or ~/.cache/posi_jax)
     out_dir: str = "runs/sft"
     finetune: str = "lora"  # "lora" | "full"
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -276,11 +278,8 @@ class SFTTrainer:
         start_micro = 0
         if resume and checkpointing.latest_step(cfg.out_dir) is not None:
             start_micro = self.restore()
-        metrics_file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
-
-        def log(row):
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+        metrics = MetricsWriter(cfg.out_dir, "step", resume_step=start_micro // cfg.grad_accum if resume else None)
+        log = metrics.write
 
         summary: dict = {"train_examples": len(self.train_examples), "val_examples": len(self.val_examples),
                          "dropped_over_cutoff": self.dropped, "total_steps": self.total_steps}
@@ -336,7 +335,7 @@ class SFTTrainer:
                 log({"step": step, "val_loss": summary["val_loss"]})
             if cfg.finetune == "lora":
                 self.export_adapter(Path(cfg.out_dir) / "adapter", {"step": step})
-        metrics_file.close()
+        metrics.close()
         return summary
 
     def export_adapter(self, folder, provenance: dict | None = None) -> Path:
