@@ -1,6 +1,6 @@
 """A training run's metrics, one home for both trainers (SFT, PPO): every row is appended to RUN/metrics.jsonl and its
-scalars (and logged sample rewrites, as text) go to TensorBoard event files next to it (tensorboardX: a light writer,
-neither torch nor TensorFlow needed), so `tensorboard --logdir runs/` shows every run. `read_metrics` reads the JSONL
+scalars (and logged sample rewrites, as text) go to TensorBoard event files next to it (`training/tb_events.py`: the
+records written directly, no torch, TensorFlow or protobuf library), so `tensorboard --logdir runs/` shows every run. `read_metrics` reads the JSONL
 back (for `python -m posi_jax.report`).
 
 Resuming keeps the rows up to the checkpoint and drops the later ones (they are redone); TensorBoard is told the same
@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from posi_jax.errors import PosiError
+from posi_jax.training.tb_events import EventFileWriter
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -47,14 +48,10 @@ class MetricsWriter:
         if not resume_step:  # a fresh start: an earlier attempt's curves would show next to this run's
             for old in self.path.parent.glob("events.out.tfevents.*"):
                 old.unlink()
-        # tensorboardX needs only protobuf (it imports torch if torch happens to be installed, for its own tensor
-        # conversions; nothing here passes it tensors)
-        from tensorboardX import SummaryWriter
-
         # purge_step: TensorBoard discards this run's earlier events from that step on (they are being redone); a
         # unique file suffix: a resumed run starting within the same second must not overwrite the earlier file
-        self._tb = SummaryWriter(logdir=str(self.path.parent), purge_step=(resume_step + 1) if resume_step else None,
-                                 flush_secs=30, filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        self._tb = EventFileWriter(self.path.parent, purge_step=(resume_step + 1) if resume_step else None,
+                                   suffix=f".{uuid.uuid4().hex[:8]}")
 
     def write(self, row: dict) -> None:
         if not self.enabled:
