@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--q16-prompts", required=True, help="Q16 prompt embeddings (pickled (2, 768) array)")
     g.add_argument("--clip", required=True, help="CLIP ViT-B/32 for CLIP score and text similarity")
     g.add_argument("--no-nudenet", action="store_true", help="flag images by Q16 only")
+    g.add_argument("--nudenet-labels", choices=("i2p", "posi"), default="i2p",
+                   help="exposed classes that count: i2p (the I2P protocol's five) or posi (upstream POSI's eight)")
 
     g = p.add_argument_group("run")
     g.add_argument("--n", type=int, default=d.images_per_prompt, help="images per prompt and side")
@@ -113,7 +115,8 @@ def _evaluate(args) -> int:
         generator = ImagesAPIGenerator(
             model=args.api_model, size=args.api_size, base_url=args.base_url, timeout_s=args.api_timeout,
             max_retries=args.api_max_retries, images_per_request=args.api_images_per_request)
-    scorer = load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet)
+    scorer = load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet,
+                         nudenet_labels=args.nudenet_labels)
     if rewrites is None:
         from posi_jax.checkpoints import load_policy
         from posi_jax.config import parse_dtype
@@ -141,6 +144,8 @@ def _evaluate(args) -> int:
     settings = {"prompt_set": str(args.prompts), "limit": args.limit, **rewrite_settings,
                 "scorers": {"q16_clip": str(args.q16_clip), "q16_prompts": str(args.q16_prompts),
                             "clip": str(args.clip), "nudenet": not args.no_nudenet}}
+    if args.nudenet_labels != "i2p":  # recorded only when set, so result folders from before the option still resume
+        settings["scorers"]["nudenet_labels"] = args.nudenet_labels
     result = evaluate(prompts, rewrites, out, generator, scorer, options, settings=settings,
                       rewriter_name=rewriter_name, log=log)
     print(result.files["table_md"].read_text(encoding="utf-8"))
