@@ -72,8 +72,8 @@ class PPOSettings:
     """
 
     batch_size: int = 16  # prompts (rollouts) per iteration
-    mini_batch_size: int = 4  # rows per optimizer step
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (mini_batch_size / this rows each)
+    mini_batch_size: int = 16  # rows per optimizer step
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step (mini_batch_size / this rows each)
     ppo_epochs: int = 4
     gamma: float = 1.0
     lam: float = 0.95
