@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     g.add_argument("--temperature", type=float, default=0.95)
     g.add_argument("--top-p", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=0, help="0: off (upstream's inference samples with 50)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--rewrite-batch-size", type=int, default=8)
     g.add_argument("--rewriter-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -124,7 +125,7 @@ def _evaluate(args) -> int:
         from posi_jax.policy.sampler import SamplingConfig
 
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, greedy=args.greedy)
+                                  top_p=args.top_p, top_k=args.top_k, greedy=args.greedy)
         dtype = parse_dtype(args.rewriter_dtype, "--rewriter-dtype")
         model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
         rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
