@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from posi_jax.config import load_config, read_json_config
+from posi_jax.config import from_dict, load_config, read_json
 from posi_jax.errors import PosiError
 from posi_jax.policy.chat import check_template
 from posi_jax.policy.sampler import SamplingConfig
@@ -223,6 +223,20 @@ def load_run_config(path=None, overrides=None) -> PPORunConfig:
     return load_config(PPORunConfig, path, overrides)
 
 
+# Settings added after runs were written, whose defaults differ from what those runs did: a saved config without them
+# reads as the behaviour it was trained with.
+_BEFORE_THE_SETTING = {"optim": {"schedule_unit": "update"}, "ppo": {"ratio_threshold": float("inf")}}
+
+
 def read_run_config(run_dir) -> PPORunConfig:
     """The PPORunConfig a run was trained with (run_dir/ppo_config.json, written by `posi_jax.rl.run.train`)."""
-    return read_json_config(PPORunConfig, Path(run_dir) / PPO_RUN_CONFIG, "PPO run config")
+    path = Path(run_dir) / PPO_RUN_CONFIG
+    data = read_json(path, "PPO run config")
+    for section, defaults in _BEFORE_THE_SETTING.items():
+        if isinstance(data.get(section), dict):
+            for key, value in defaults.items():
+                data[section].setdefault(key, value)
+    try:
+        return from_dict(PPORunConfig, data)
+    except PosiError as e:
+        raise PosiError(f"{path}: {e}") from None

@@ -36,38 +36,40 @@ def lr_schedule(count, learning_rate, total_steps, warmup_steps, cosine: bool):
     return learning_rate * jnp.where(count < warmup_steps, warm, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
 
 
-def _adamw(learning_rate, total_steps, warmup_steps, weight_decay, updates_per_step, *, cosine, b1, b2, eps,
+def _adamw(learning_rate, total_steps, warmup_steps, weight_decay, *, cosine, updates_per_step, b1, b2, eps,
            max_grad_norm):
     def lr(count):  # the schedule advances once per `updates_per_step` optimizer updates (one PPO iteration's)
-        return lr_schedule(jnp.floor(count / updates_per_step), learning_rate, total_steps, warmup_steps, cosine)
+        return lr_schedule(count // updates_per_step, learning_rate, total_steps, warmup_steps, cosine)
 
     return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                        optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(cosine: bool, b1: float, b2: float, eps: float, max_grad_norm: float) -> optax.GradientTransformation:
+def _optimizer(cosine: bool, updates_per_step: int, b1: float, b2: float, eps: float,
+               max_grad_norm: float) -> optax.GradientTransformation:
     # The numbers that differ between runs (learning rate, run length, warmup, weight decay) live in the optimizer
     # state (inject_hyperparams), so one compiled update serves them all; the values here are placeholders.
-    return optax.inject_hyperparams(_adamw, static_args=("cosine", "b1", "b2", "eps", "max_grad_norm"))(
-        learning_rate=0.0, total_steps=1.0, warmup_steps=0.0, weight_decay=0.0, updates_per_step=1.0, cosine=cosine,
-        b1=b1, b2=b2, eps=eps, max_grad_norm=max_grad_norm)
+    # (updates_per_step is static: the state's layout stays that of checkpoints written before it existed.)
+    return optax.inject_hyperparams(
+        _adamw, static_args=("cosine", "updates_per_step", "b1", "b2", "eps", "max_grad_norm"))(
+        learning_rate=0.0, total_steps=1.0, warmup_steps=0.0, weight_decay=0.0, cosine=cosine,
+        updates_per_step=updates_per_step, b1=b1, b2=b2, eps=eps, max_grad_norm=max_grad_norm)
 
 
 def make_optimizer(cfg: OptimSettings, iterations: int, updates_per_iteration: int):
     """(tx, init): clip-by-global-norm + AdamW on the configured schedule; `init(params)` gives its state.
     Schedule units: iterations (`updates_per_iteration` updates each) or single updates; the cosine runs over
     `cfg.schedule_steps` units, or the whole run when that is 0."""
-    tx = _optimizer(cfg.schedule == "cosine", cfg.b1, cfg.b2, cfg.eps, cfg.max_grad_norm)
     per_step = updates_per_iteration if cfg.schedule_unit == "iteration" else 1
+    tx = _optimizer(cfg.schedule == "cosine", int(per_step), cfg.b1, cfg.b2, cfg.eps, cfg.max_grad_norm)
     total_steps = cfg.schedule_steps or (iterations if cfg.schedule_unit == "iteration"
                                          else iterations * updates_per_iteration)
 
     def init(params):
         state = tx.init(params)
         values = {"learning_rate": cfg.learning_rate, "total_steps": float(total_steps),
-                  "warmup_steps": float(cfg.warmup_steps), "weight_decay": cfg.weight_decay,
-                  "updates_per_step": float(per_step)}
+                  "warmup_steps": float(cfg.warmup_steps), "weight_decay": cfg.weight_decay}
         return state._replace(hyperparams={k: jnp.asarray(values[k], v.dtype) for k, v in state.hyperparams.items()})
 
     return tx, init
