@@ -126,9 +126,9 @@ def setup():
     models, trainable, frozen, dropout = build_models(
         ppo_setup.tiny_policy(0), LoRASettings(rank=4, alpha=8.0), shared_backbone=True,
         value_head=ValueHeadSettings(init="torch_default", seed=3))
-    cfg = PPOSettings(batch_size=4, mini_batch_size=4, score_temperature=1.0, eos_in_response=False,
-                      init_kl_coef=KL_COEF, gamma=GAMMA, lam=LAM, cliprange=CLIP, cliprange_value=CLIP_V,
-                      vf_coef=VF_COEF, ratio_threshold=THRESHOLD)
+    cfg = PPOSettings(batch_size=4, mini_batch_size=4, gradient_accumulation_steps=1, score_temperature=1.0,
+                      eos_in_response=False, init_kl_coef=KL_COEF, gamma=GAMMA, lam=LAM, cliprange=CLIP,
+                      cliprange_value=CLIP_V, vf_coef=VF_COEF, ratio_threshold=THRESHOLD)
     tx, _ = make_optimizer(OptimSettings(), 1, 1)
     spec = StepSpec(models, cfg, 1.0, tx, shd.make_mesh(devices=jax.devices()[:1]))
     # old: a trained PPO adapter (the policy is not its reference); new: a step further (ratio != 1)
