@@ -55,7 +55,7 @@ def test_sft_then_ppo_configs_run_end_to_end(tmp_path, llama_folder, data_dir):
     sft_dir = tmp_path / "sft"
     assert sft_cmd.main(["--config", str(REPO_CONFIGS / "sft_llama7b_lora.yaml"), f"base={llama_folder}",
                          f"data={tmp_path / 'pairs.json'}", f"out_dir={sft_dir}", "max_steps=2", "batch_size=2",
-                         "grad_accum=2", "cutoff_len=256", "pad_multiple=64", "progress=false"]) == 0
+                         "grad_accum=2", "cutoff_len=256", "pad_multiple=256", "progress=false"]) == 0
     adapter = json.loads((sft_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter["template"] == "default" and adapter["dropout"] == 0.1
     _, tokenizer = load_policy(sft_dir)
