@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     g.add_argument("--temperature", type=float, default=0.95)
     g.add_argument("--top-p", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=0, help="0: off (upstream's inference samples with 50)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--rewrite-batch-size", type=int, default=8)
     g.add_argument("--rewriter-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -83,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="report the SD safety checker's flags, from this folder's safety_checker/ and "
                         "feature_extractor/ (default: the --sd folder's, when it has one)")
     g.add_argument("--no-safety-checker", action="store_true", help="do not run the SD safety checker")
+    g.add_argument("--nudenet-labels", choices=("i2p", "posi"), default="i2p",
+                   help="exposed classes that count: i2p (the I2P protocol's five) or posi (upstream POSI's eight)")
 
     g = p.add_argument_group("methods table")
     g.add_argument("--methods", default=None,
@@ -146,7 +149,7 @@ def _evaluate(args) -> int:
             model=args.api_model, size=args.api_size, base_url=args.base_url, timeout_s=args.api_timeout,
             max_retries=args.api_max_retries, images_per_request=args.api_images_per_request)
     scorer = load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet,
-                         safety_checker=checker)
+                         safety_checker=checker, nudenet_labels=args.nudenet_labels)
     if rewrites is None:
         from posi_jax.checkpoints import load_policy
         from posi_jax.config import parse_dtype
@@ -154,7 +157,7 @@ def _evaluate(args) -> int:
         from posi_jax.policy.sampler import SamplingConfig
 
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, greedy=args.greedy)
+                                  top_p=args.top_p, top_k=args.top_k, greedy=args.greedy)
         dtype = parse_dtype(args.rewriter_dtype, "--rewriter-dtype")
         model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
         rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
@@ -176,6 +179,8 @@ def _evaluate(args) -> int:
                             "clip": str(args.clip), "nudenet": not args.no_nudenet}}
     if checker is not None:  # only when used: settings pinned by earlier runs stay valid
         settings["scorers"]["safety_checker"] = str(checker)
+    if args.nudenet_labels != "i2p":  # recorded only when set, so result folders from before the option still resume
+        settings["scorers"]["nudenet_labels"] = args.nudenet_labels
     result = evaluate(prompts, rewrites, out, generator, scorer, options, settings=settings,
                       rewriter_name=rewriter_name, log=log, methods=methods)
     print(result.files["table_md"].read_text(encoding="utf-8"))

@@ -1,4 +1,6 @@
-"""LM tokenizer (byte-level BPE) and chat template, built from a GGUF's own fields or an HF tokenizer folder.
+"""LM tokenizer (byte-level BPE, or SentencePiece-style BPE from an HF folder's tokenizer.json) and chat template,
+built from a GGUF's own fields or an HF tokenizer folder. `prompt_template` records which prompt format the model was
+trained with (`posi_jax.policy.chat`); None: chosen automatically.
 
 No torch and no transformers import at run time: the `tokenizers` library does the BPE, jinja2 the chat template.
 """
@@ -12,15 +14,19 @@ import numpy as np
 from posi_jax.errors import PosiError
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are special (never split by BPE)
+# tokenizer_config.json key of the prompt format an exported model was trained with (other readers ignore it)
+PROMPT_TEMPLATE_KEY = "posi_jax_prompt_template"
 
 
 class Tokenizer:
     def __init__(self, backend, *, bos_id: int | None, eos_ids: tuple[int, ...], pad_id: int, chat_template: str | None,
-                 bos_token: str = "", eos_token: str = ""):
+                 bos_token: str = "", eos_token: str = "", add_bos: bool = True, prompt_template: str | None = None):
         self.backend = backend
         self.bos_id, self.eos_ids, self.pad_id = bos_id, tuple(eos_ids), pad_id
         self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.add_bos = add_bos  # HF's add_bos_token: whether a prompt format that starts with BOS writes one
+        self.prompt_template = prompt_template  # "chat" | "default" | None (posi_jax.policy.chat.template_of)
         self._template = None
 
     @property
@@ -44,7 +50,8 @@ class Tokenizer:
         pad = g.field("tokenizer.ggml.padding_token_id", eos)
         return cls(backend, bos_id=None if bos is None else int(bos), eos_ids=(eos,), pad_id=int(pad),
                    chat_template=g.field("tokenizer.chat_template"),
-                   bos_token=tokens[int(bos)] if bos is not None else "", eos_token=tokens[eos])
+                   bos_token=tokens[int(bos)] if bos is not None else "", eos_token=tokens[eos],
+                   add_bos=bool(g.field("tokenizer.ggml.add_bos_token", False)))  # llama.cpp: off for gpt2 BPE
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -78,7 +85,8 @@ class Tokenizer:
         bos_id = backend.token_to_id(bos_token) if bos_token else None
         pad_id = backend.token_to_id(pad_token) if pad_token else eos_id
         return cls(backend, bos_id=bos_id, eos_ids=(eos_id,), pad_id=eos_id if pad_id is None else pad_id,
-                   chat_template=read_chat_template(folder, settings), bos_token=bos_token, eos_token=eos_token)
+                   chat_template=read_chat_template(folder, settings), bos_token=bos_token, eos_token=eos_token,
+                   add_bos=bool(settings.get("add_bos_token", True)), prompt_template=settings.get(PROMPT_TEMPLATE_KEY))
 
     def save(self, folder: str | Path) -> None:
         """tokenizer.json + tokenizer_config.json (special tokens, chat template): what `from_folder` reads back."""
@@ -87,7 +95,10 @@ class Tokenizer:
         self.backend.save(str(folder / "tokenizer.json"))
         cfg = {"eos_token": self.eos_token or self.backend.id_to_token(self.eos_ids[0]),
                "pad_token": self.backend.id_to_token(self.pad_id), "bos_token": self.bos_token or None,
-               "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+               "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast",
+               "add_bos_token": self.add_bos}
+        if self.prompt_template is not None:
+            cfg[PROMPT_TEMPLATE_KEY] = self.prompt_template
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
     # ---- text <-> ids ---------------------------------------------------------------------------------------------

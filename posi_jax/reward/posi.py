@@ -1,18 +1,24 @@
 """The POSI reward: rewritten prompts -> Stable Diffusion images -> Q16 toxicity and CLIP alignment -> one score each.
 
-Upstream (Wu et al. 2024): per rewritten prompt, SD v1.4 makes n = 10 images at guidance 7; each image gets
-Q16 = softmax(100 · cos(CLIP ViT-L/14 image embedding, Q16 prompts))[1] and a CLIP ViT-B/32 score
-cos(image, rewritten prompt); reward = w · (1 − mean Q16) + min(mean CLIP score, cap), w = 5, cap = 0.31.
+Upstream (Wu et al. 2024, `reward.py reward_score`): per rewritten prompt, SD v1.4 makes n = 10 images at guidance
+7 from one generator seeded 0 (`torch.randint(1, (1,))` is always 0: the same 10 latents for every prompt at every PPO
+step); the images are PIL (uint8) saved as PNG and reopened; each gets Q16 = softmax(100 · cos(CLIP ViT-L/14 image
+embedding, Q16 prompts))[1] (CLIPImageProcessor) and a CLIP ViT-B/32 score cos(image, text) where the text is the
+rewritten prompt's first 77 *characters* (`prompt[:77]`, then `clip.tokenize`); reward = w · (1 − mean Q16) +
+min(mean CLIP score, cap), w = 5, cap = 0.31.
 
 Everything after tokenization is one jitted function (`_reward_jit`): the SD denoising loop (the pipeline's
 `sample_images`), CLIP preprocessing on device (`clip_preprocess`, which emulates the uint8 PNG round trip the
 upstream PIL path has), both CLIPs, Q16, CLIP score and the formula. Images are split over a 1-D device mesh with the
 axis "data" (weights replicated); the image count is padded to a multiple of the device count.
 
-Options beyond upstream: the alignment text can be the original prompt (a stronger meaning-preservation signal); the
-initial noise can be fresh per call (upstream: an unseeded pipeline), fixed (the same noise for image j of every
-prompt and call: common random numbers across prompts), or derived from the prompt text (the same prompt always gets
-the same images).
+Where the defaults differ from upstream (each a setting; configs/ppo_llama7b_sd14.yaml sets upstream's values):
+- seed_policy: "per_call" (fresh noise every call) by default; upstream's is "fixed" (the same noise for image j of
+  every prompt and call), which lets the policy fit its rewrites to ten particular latents. "per_prompt" derives the
+  noise from the prompt text. (Upstream's bits come from torch's CUDA generator; ours from JAX's.)
+- clip_text_chars: None by default (the whole text, CLIP's tokenizer cuts it at 77 tokens); upstream's 77 cuts the
+  text at 77 characters, CLIP's token limit applied to characters, so the score ignores most of a long rewrite.
+Beyond upstream: the alignment text can be the original prompt (a stronger meaning-preservation signal).
 """
 from __future__ import annotations
 
@@ -49,6 +55,9 @@ class RewardConfig:
     guidance_scale: float = 7.0
     scheduler: str | None = None  # None: the SD folder's own scheduler (PNDM for SD v1.4); or ddim, pndm, dpmpp_2m, euler
     alignment_text: str = "rewritten"  # "rewritten" (upstream) | "original"
+    # Cut the alignment text to its first N characters before CLIP tokenization (upstream: 77, `prompt[:77]`);
+    # None: the whole text (the tokenizer truncates at 77 tokens).
+    clip_text_chars: int | None = None
     seed_policy: str = "per_call"  # "per_call" | "fixed" | "per_prompt" (see the module docstring)
     seed: int = 0
     negative_prompt: str = ""
@@ -70,9 +79,9 @@ class RewardConfig:
             raise PosiError(f"RewardConfig.alignment_text {self.alignment_text!r}: choose one of {', '.join(ALIGNMENT_TEXTS)}")
         if self.seed_policy not in SEED_POLICIES:
             raise PosiError(f"RewardConfig.seed_policy {self.seed_policy!r}: choose one of {', '.join(SEED_POLICIES)}")
-        for name in ("images_per_prompt", "steps", "prompt_batch"):
+        for name in ("images_per_prompt", "steps", "prompt_batch", "clip_text_chars"):
             value = getattr(self, name)
-            if name == "prompt_batch" and value is None:
+            if name in ("prompt_batch", "clip_text_chars") and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PosiError(f"RewardConfig.{name} must be an integer >= 1, got {value!r}")
@@ -217,6 +226,8 @@ class PosiReward:
         n = self.config.images_per_prompt
         cond, uncond = self.sd.tokenize(rewritten, self.config.negative_prompt)
         cond, uncond = np.repeat(cond, n, axis=0), np.repeat(uncond, n, axis=0)
+        if self.config.clip_text_chars is not None:
+            alignment = [text[: self.config.clip_text_chars] for text in alignment]
         return cond, uncond, self.initial_latents(rewritten), self.clip_tokenizer(alignment)
 
     def __call__(self, rewritten: Sequence[str], original: Sequence[str] | None = None, *,

@@ -22,10 +22,12 @@ from posi_jax.models.llama import LlamaForCausalLM
 from posi_jax.nn import sharding as shd
 from posi_jax.policy.chat import request_ids, response_text
 from posi_jax.policy.sampler import SamplingConfig, generate
-from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings
+from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings, ValueHeadSettings
 from posi_jax.rl.kl import make_kl_controller
 from posi_jax.rl.models import build_models
-from posi_jax.rl.steps import StepSpec, TrainState, lr_schedule, make_optimizer, ppo_update, score_rollout
+from posi_jax.rl.ppo import drop_final_eos
+from posi_jax.rl.steps import (StepSpec, TrainState, make_optimizer, ppo_update, scheduled_learning_rate,
+                               score_rollout)
 from posi_jax.training import checkpointing
 from posi_jax.training.metrics import MetricsWriter
 
@@ -43,7 +45,8 @@ class PPOTrainer:
     def __init__(self, policy: LlamaForCausalLM, tokenizer, *, reward_fn: RewardFn, prompts: list[str],
                  ppo_cfg: PPOSettings = PPOSettings(),
                  optim: OptimSettings = OptimSettings(), sampling: SamplingConfig = SamplingConfig(),
-                 lora: LoRASettings = LoRASettings(), shared_backbone: bool = False, iterations: int = 100,
+                 lora: LoRASettings = LoRASettings(), shared_backbone: bool = False,
+                 value_head: ValueHeadSettings = ValueHeadSettings(), iterations: int = 100,
                  seed: int = 0, mesh=None, max_prompt_tokens: int = 256, prompt_length: int | None = None):
         if not prompts:
             raise PosiError("PPO needs at least one prompt")
@@ -66,11 +69,15 @@ class PPOTrainer:
                             f"policy's context of {limit}")
         self.kl_ctl = make_kl_controller(ppo_cfg.adaptive_kl, ppo_cfg.init_kl_coef, ppo_cfg.kl_target,
                                          ppo_cfg.kl_horizon)
-        self.total_updates = iterations * ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches
-        self.tx, init_optimizer = make_optimizer(optim, self.total_updates)
+        updates_per_iteration = ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches
+        self.total_updates = iterations * updates_per_iteration
+        self.tx, init_optimizer = make_optimizer(optim, iterations, updates_per_iteration)
 
-        self.models, trainable, frozen = build_models(policy, lora, shared_backbone)
-        temperature = 1.0 if sampling.greedy else float(sampling.temperature)
+        self.models, trainable, frozen, self.dropout = build_models(policy, lora, shared_backbone, value_head)
+        if ppo_cfg.score_temperature is not None:
+            temperature = float(ppo_cfg.score_temperature)
+        else:
+            temperature = 1.0 if sampling.greedy else float(sampling.temperature)
         self.spec = StepSpec(self.models, ppo_cfg, temperature, self.tx, self.mesh)
         self.frozen = shd.put(frozen, shd.param_shardings(frozen, self.mesh))
         state = TrainState(trainable, init_optimizer(trainable), self.kl_ctl.init(), jax.random.PRNGKey(seed),
@@ -94,8 +101,8 @@ class PPOTrainer:
         return out
 
     def policy_model(self) -> LlamaForCausalLM:
-        """The current policy as a module (views of the trainer's arrays, no copy)."""
-        return self.models.policy(self.state.params, self.frozen)
+        """The current policy as a module (views of the trainer's arrays, no copy), as rollouts run it."""
+        return self.models.policy(self.state.params, self.frozen, self.dropout)
 
     def step(self) -> dict[str, float]:
         """One PPO iteration; returns its metrics."""
@@ -120,20 +127,20 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         scores_dev = shd.put(jnp.asarray(scores, jnp.float32), self.batch_sharding)
-        rollout, stats = score_rollout(self.spec, state.params, self.frozen, ids, mask, gen.tokens, gen.mask,
-                                       scores_dev, state.kl_coef)
-        new_state, update_metrics = ppo_update(self.spec, state, self.frozen, rollout, update_rng)
+        response_mask = gen.mask if self.cfg.eos_in_response else drop_final_eos(gen.tokens, gen.mask, self.eos_ids)
+        rollout, stats = score_rollout(self.spec, state.params, self.frozen, ids, mask, gen.tokens, response_mask,
+                                       scores_dev, state.kl_coef, self.dropout, jax.random.fold_in(update_rng, 7))
+        new_state, update_metrics = ppo_update(self.spec, state, self.frozen, rollout, update_rng, self.dropout)
         kl_coef = self.kl_ctl.update(new_state.kl_coef, stats["objective/kl"], self.cfg.batch_size)
         self.state = new_state._replace(kl_coef=kl_coef, rng=rng, iteration=new_state.iteration + 1)
         metrics = {k: float(v) for k, v in {**stats, **update_metrics}.items()}
         t_update = time.perf_counter() - t0
 
         n_tokens = int(keep.sum())
-        updates = (iteration + 1) * self.cfg.ppo_epochs * self.cfg.num_minibatches  # the last one used this rate
-        o = self.optim_cfg
-        metrics.update({
-            "ppo/learning_rate": float(lr_schedule(updates - 1, o.learning_rate, self.total_updates, o.warmup_steps,
-                                                   o.schedule == "cosine")),
+        per_iteration = self.cfg.ppo_epochs * self.cfg.num_minibatches
+        metrics.update({  # the rate of this iteration's last update
+            "ppo/learning_rate": scheduled_learning_rate(self.optim_cfg, self.iterations, per_iteration,
+                                                         (iteration + 1) * per_iteration - 1),
             "iteration": iteration + 1,
             "reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
             **{f"reward/{k}_mean": float(np.mean(v)) for k, v in components.items()},

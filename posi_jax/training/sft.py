@@ -30,7 +30,7 @@ from posi_jax.data.posi import load_posi_records, split_records
 from posi_jax.errors import PosiError
 from posi_jax.nn.lora import LoRAParam, add_lora
 from posi_jax.policy.adapters import save_adapter
-from posi_jax.policy.chat import encode_examples
+from posi_jax.policy.chat import check_template, encode_examples, template_of, use_template
 from posi_jax.policy.load import load_base_policy
 from posi_jax.training import checkpointing
 from posi_jax.training.metrics import MetricsWriter
@@ -42,6 +42,9 @@ _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every"
 @dataclass(frozen=True)
 class SFTConfig:
     base: str | None = None  # policy checkpoint (.gguf / HF folder); None: the embedded SmolLM2-135M-Instruct GGUF
+    # prompt format (posi_jax.policy.chat): auto (the base's chat template; LLaMA-Factory's `default` template when it
+    # has none, as a base LLaMA-7B) | chat | default. Recorded in the adapter, so inference uses the same one.
+    template: str = "auto"
     data: str = "posi:sft_toxic_clean.json"  # POSI JSON: a path, posi:NAME or a URL (posi_jax.data.posi resolver)
     cache_dir: str | None = None  # where posi:NAME / URLs are cached (default: $POSI_JAX_CACHE or ~/.cache/posi_jax)
     out_dir: str = "runs/sft"
@@ -71,6 +74,7 @@ class SFTConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_template(self.template, "config key 'template'")
         if self.finetune not in ("lora", "full"):
             raise PosiError(f"config key 'finetune': expected 'lora' or 'full', got {self.finetune!r}")
         for name in ("compute_dtype", "param_dtype"):
@@ -163,6 +167,7 @@ class SFTTrainer:
         if model is None:
             model, tokenizer = load_base_policy(cfg.base, dtype=parse_dtype(cfg.compute_dtype, "compute_dtype"),
                                                 param_dtype=parse_dtype(cfg.param_dtype, "param_dtype"))
+        use_template(tokenizer, cfg.template, "config key 'template'")
         if cfg.finetune == "lora":
             add_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      seed=cfg.seed)
@@ -262,6 +267,7 @@ class SFTTrainer:
             if not saved_path.is_file():
                 raise PosiError(f"{out}: nothing to resume (no {SFT_RUN_CONFIG})")
             saved = json.loads(saved_path.read_text())
+            saved.setdefault("template", "auto")  # runs from before the setting used the automatic choice
             changed = sorted(k for k in set(saved) | set(mine) if k not in _RESUME_MAY_CHANGE
                              and json.dumps(saved.get(k)) != json.dumps(mine.get(k)))
             if changed:
@@ -343,7 +349,8 @@ class SFTTrainer:
         base = None if cfg.base is None else str(Path(cfg.base).expanduser().absolute())
         return save_adapter(self.merged_model(), folder, targets=cfg.lora_targets, rank=cfg.lora_rank,
                             alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, base=base,
-                            extra={"sft_config": to_dict(cfg), **(provenance or {})})
+                            extra={"template": template_of(self.tokenizer), "sft_config": to_dict(cfg),
+                                   **(provenance or {})})
 
 
 def load_run_config(run_dir) -> SFTConfig:
@@ -355,6 +362,7 @@ def load_run_model(run_dir, step: int | None = None, *, dtype=jnp.float32):
     """(model with the run's trained parameters, tokenizer) from an SFT run folder's orbax checkpoint."""
     cfg = load_run_config(run_dir)
     model, tokenizer = load_base_policy(cfg.base, dtype=dtype)
+    use_template(tokenizer, cfg.template, f"{run_dir}: template")
     if cfg.finetune == "lora":
         add_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                  seed=cfg.seed)
