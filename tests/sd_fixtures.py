@@ -12,6 +12,7 @@ v2: SD v2.x-style UNet (linear proj_in/proj_out, per-block `attention_head_dim` 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
