@@ -195,8 +195,9 @@ def test_report_on_small_ppo_run(tmp_path):
     from tests.rl import ppo_setup
 
     trainer = PPOTrainer(ppo_setup.tiny_policy(), ppo_setup.tiny_tokenizer(), reward_fn=ppo_setup.count_reward,
-                         prompts=ppo_setup.prompts(8), ppo_cfg=PPOSettings(batch_size=4, mini_batch_size=2, ppo_epochs=1),
-                         optim=OptimSettings(learning_rate=1e-3, warmup_steps=2),
+                         prompts=ppo_setup.prompts(8), ppo_cfg=PPOSettings(batch_size=4, mini_batch_size=2, gradient_accumulation_steps=1,
+                                                              ppo_epochs=1),
+                         optim=OptimSettings(learning_rate=1e-3, warmup_steps=2, schedule_unit="update"),
                          sampling=SamplingConfig(max_new_tokens=6), lora=LoRASettings(enabled=False), iterations=3)
     run(trainer, tmp_path, save_every=3, progress=False)
     rows = read_metrics(tmp_path)
