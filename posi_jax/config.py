@@ -62,15 +62,16 @@ class Interval:
 
 def number_problem(value: Any, kind: type, interval: str | None = None) -> str | None:
     """What is wrong with `value` as a setting of type `kind` (int or float) within `interval`, or None if nothing:
-    an int setting takes an int (not a bool) of magnitude ≤ INT_LIMIT, a float setting a finite int or float."""
+    an int setting takes an int (not a bool) of magnitude ≤ INT_LIMIT, a float setting a finite int or float (or inf,
+    where the interval is closed at inf)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return "must be an integer" if kind is int else "must be a number"
     if kind is int and not isinstance(value, numbers.Integral):
         return "must be an integer"
     if kind is int and abs(value) > INT_LIMIT:
         return f"must be at most {INT_LIMIT} in magnitude"
-    if kind is float and not _finite_float(value):
-        return "must be a finite number"
+    if kind is float and not _finite_float(value) and not (interval is not None and value in Interval.parse(interval)):
+        return "must be a finite number"  # an interval closed at inf ("(0, inf]") admits inf: a setting's "off"
     if interval is not None and value not in Interval.parse(interval):
         return f"must be {Interval.parse(interval).describe()}"
     return None

@@ -59,6 +59,11 @@ def test_every_config_has_numeric_settings_with_valid_bounds():
             assert default is None or default in Interval.parse(interval), (owner.__name__, name, default)
 
 
+def finite_or_admitted(value, interval) -> bool:
+    """Finite, or inf where the setting's interval is closed at inf (a setting whose inf means "off")."""
+    return math.isfinite(value) or (interval is not None and value in Interval.parse(interval))
+
+
 def assert_valid(config) -> None:
     """Every numeric leaf of a loaded config: of its declared type, finite, inside its declared interval."""
     own = {name: kind for _, kind, owner, name in numeric_settings(type(config)) if owner is type(config)}
@@ -70,7 +75,8 @@ def assert_valid(config) -> None:
         elif f.name in own and value is not None:
             kind = own[f.name]
             assert not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float)), (f, value)
-            assert math.isfinite(value) and (kind is float or abs(value) <= INT_LIMIT), (f.name, value)
+            assert finite_or_admitted(value, bounds.get(f.name)) and (kind is float or abs(value) <= INT_LIMIT), \
+                (f.name, value)
             assert f.name not in bounds or value in Interval.parse(bounds[f.name]), (f.name, value)
 
 
@@ -152,7 +158,7 @@ def test_argparse_types_return_only_valid_numbers(data):
     except argparse.ArgumentTypeError:
         return
     assert not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float)), (text, value)
-    assert math.isfinite(value) and (kind is float or abs(value) <= INT_LIMIT), (text, value)
+    assert finite_or_admitted(value, interval) and (kind is float or abs(value) <= INT_LIMIT), (text, value)
     assert interval is None or value in Interval.parse(interval), (text, value, interval)
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import jax
 
 from posi_jax.checkpoints import load_policy
-from posi_jax.config import changed_keys, parse_dtype, read_json, to_dict
+from posi_jax.config import changed_keys, parse_dtype, to_dict
 from posi_jax.data.posi import load_prompts
 from posi_jax.errors import PosiError
 from posi_jax.nn import sharding as shd
-from posi_jax.rl.config import PPO_RUN_CONFIG, RESUME_MAY_CHANGE, PPORunConfig, RewardSettings
+from posi_jax.policy.chat import use_template
+from posi_jax.rl.config import PPO_RUN_CONFIG, RESUME_MAY_CHANGE, PPORunConfig, RewardSettings, read_run_config
 from posi_jax.rl.trainer import PPOTrainer, RewardFn, run
 from posi_jax.training import checkpointing
 
@@ -44,10 +45,12 @@ def trainer_from_config(cfg: PPORunConfig, reward_fn: RewardFn | None = None) ->
     mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     policy, tokenizer = load_policy(cfg.policy.checkpoint, dtype=parse_dtype(cfg.policy.dtype, "policy.dtype"),
                                     param_dtype=parse_dtype(cfg.policy.param_dtype, "policy.param_dtype"))
+    use_template(tokenizer, cfg.template)
     if reward_fn is None:
         reward_fn = build_reward(cfg.reward, shd.data_mesh())
     return PPOTrainer(policy, tokenizer, reward_fn=reward_fn, prompts=prompts, ppo_cfg=cfg.ppo, optim=cfg.optim,
                       sampling=cfg.sampling, lora=cfg.lora, shared_backbone=cfg.shared_value_backbone,
+                      value_head=cfg.value_head,
                       iterations=cfg.iterations, seed=cfg.seed, mesh=mesh, max_prompt_tokens=cfg.max_prompt_tokens)
 
 
@@ -89,7 +92,8 @@ def check_run_dir(cfg: PPORunConfig, resume: bool) -> None:
     if step is None or not saved.is_file():
         raise PosiError(f"{out_dir}: nothing to resume (no checkpoint in {out_dir / 'checkpoints'}"
                         + ("" if saved.is_file() else f", no {PPO_RUN_CONFIG}") + ")")
-    changed = changed_keys(read_json(saved, "PPO run config"), cfg, RESUME_MAY_CHANGE)
+    # read_run_config: a setting added since the run was written reads as what the run did, not today's default
+    changed = changed_keys(to_dict(read_run_config(out_dir)), cfg, RESUME_MAY_CHANGE)
     if changed:
         raise PosiError(f"{out_dir}: cannot resume with a different config: {', '.join(changed)} changed (a resumed "
                         f"run may change only {', '.join(RESUME_MAY_CHANGE)})")

@@ -12,10 +12,7 @@ not an array. `keep` keeps the newest N steps. Layout: `run_dir/checkpoints/<ste
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Callable
 
 import jax
 
@@ -92,23 +89,3 @@ def restore(run_dir, step: int | None, abstract: dict) -> tuple[dict, dict]:
 
 def _as_abstract(x):
     return x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
-def rewind_log(path, keep: Callable[[dict], bool]) -> None:
-    """Cut a resumed run's JSONL metrics log down to the rows `keep` accepts (those logged up to the restored
-    checkpoint: the rest are logged again as the run redoes them). Lines that are not JSON objects (the tail of a
-    killed write) go too. The file is replaced atomically."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and keep(row):
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
