@@ -15,7 +15,6 @@ import argparse
 import sys
 
 from posi_jax import cli
-from posi_jax.errors import PosiError
 
 
 def _report(argv) -> int:
