@@ -70,11 +70,18 @@ def number_problem(value: Any, kind: type, interval: str | None = None) -> str |
         return "must be an integer"
     if kind is int and abs(value) > INT_LIMIT:
         return f"must be at most {INT_LIMIT} in magnitude"
-    if kind is float and not _finite_float(value) and not (interval is not None and value in Interval.parse(interval)):
-        return "must be a finite number"  # an interval closed at inf ("(0, inf]") admits inf: a setting's "off"
+    if kind is float and not _finite_float(value) and not admits_inf(value, interval):
+        return "must be a finite number"
     if interval is not None and value not in Interval.parse(interval):
         return f"must be {Interval.parse(interval).describe()}"
     return None
+
+
+def admits_inf(value, interval: str | None) -> bool:
+    """Whether `value` is a float ±inf that `interval` contains: an interval closed at inf ("(0, inf]") admits it,
+    for a setting whose inf means "off"."""
+    return (isinstance(value, float) and math.isinf(value) and interval is not None
+            and value in Interval.parse(interval))
 
 
 def _finite_float(value: numbers.Real) -> bool:
@@ -115,15 +122,16 @@ def check_numbers(config, where: str) -> None:
             raise PosiError(f"{where}{name} {problem}, got {value!r}")
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+def _coerce(value: Any, annotation: Any, where: str, interval: str | None = None) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key. `interval`: the field's
+    declared bounds (inf passes only where they are closed at inf)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], where)
+        return _coerce(value, non_none[0], where, interval)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise PosiError(f"config key {where!r}: expected a mapping, got {value!r}")
@@ -151,7 +159,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise PosiError(f"config key {where!r}: expected {annotation.__name__}, got {value!r}") from None
         if annotation is int and isinstance(value, float) and converted != value:
             raise PosiError(f"config key {where!r}: expected an integer, got {value!r}")
-        if annotation is float and not math.isfinite(converted):
+        if annotation is float and not math.isfinite(converted) and not admits_inf(converted, interval):
             raise PosiError(f"config key {where!r}: expected a finite number, got {value!r}")
         return converted
     if annotation is str:
@@ -170,7 +178,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             f"unknown config key(s) {', '.join(prefix + u for u in unknown)} for {cls.__name__}; "
             f"valid keys: {', '.join(sorted(names))}"
         )
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+    bounds = getattr(cls, "BOUNDS", {})
+    return cls(**{k: _coerce(v, hints[k], prefix + k, bounds.get(k)) for k, v in data.items()})
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from posi_jax import build_dataset, cli, evaluate, generate, rewrite
-from posi_jax.config import INT_LIMIT, Interval, load_config
+from posi_jax.config import INT_LIMIT, Interval, admits_inf, load_config
 from posi_jax.data.build_pairs import BuildOptions
 from posi_jax.errors import PosiError
 from posi_jax.evaluation.run import EvalOptions
@@ -61,7 +61,7 @@ def test_every_config_has_numeric_settings_with_valid_bounds():
 
 def finite_or_admitted(value, interval) -> bool:
     """Finite, or inf where the setting's interval is closed at inf (a setting whose inf means "off")."""
-    return math.isfinite(value) or (interval is not None and value in Interval.parse(interval))
+    return admits_inf(value, interval) or math.isfinite(value)
 
 
 def assert_valid(config) -> None:
@@ -178,7 +178,7 @@ PARSERS = {
                  ["--steps", "--guidance", "--seed", "--n", "--height", "--width", "--batch-size"]),
     "evaluate": (evaluate.parse_args, ["{root}/p.txt", "--out", "{root}/e", "--q16-clip", "a", "--q16-prompts", "b",
                                        "--clip", "c"],
-                 ["--limit", "--temperature", "--top-p", "--max-new-tokens", "--rewrite-batch-size", "--steps",
+                 ["--limit", "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--rewrite-batch-size", "--steps",
                   "--guidance", "--height", "--width", "--sd-batch-size", "--api-timeout", "--api-max-retries",
                   "--api-images-per-request", "--n", "--seed", "--batch-prompts", "--grid-rows", "--grid-images"]),
     "build_dataset": (build_dataset.parse_args, ["{root}/p.txt", "--out", "{root}/o.jsonl"],
