@@ -172,7 +172,7 @@ def paths(tmp_path_factory):
 # The numeric flags of each command (with the arguments it requires). A flag added with a numeric default and left
 # out of this table fails `test_the_table_lists_every_numeric_flag`.
 PARSERS = {
-    "rewrite": (rewrite.parse_args, [], ["--temperature", "--top-p", "--top-k", "--max-new-tokens",
+    "rewrite": (rewrite.parse_args, [], ["--temperature", "--top-p", "--top-k", "--max-new-tokens", "--prompt-lookup-tokens",
                                          "--max-prompt-tokens", "--batch-size", "--seed"]),
     "generate": (generate.parse_args, ["a cat", "--model", "m", "--out", "{root}/g"],
                  ["--steps", "--guidance", "--seed", "--n", "--height", "--width", "--batch-size"]),
