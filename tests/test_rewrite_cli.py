@@ -62,7 +62,7 @@ def test_stdin_and_over_long_prompt_warns(tiny_llama_folder):
     ([], b"first\n\nthird\n", "line 2 is empty"),
     (["a cat", "--checkpoint", "/nonexistent/model.gguf"], None, "checkpoint not found"),
     (["a cat", "--temperature", "0"], None, "temperature"),
-    (["a cat", "--prompt-lookup-tokens", "-1"], None, "prompt_lookup_tokens must be"),
+    (["a cat", "--prompt-lookup-tokens", "-1"], None, "--prompt-lookup-tokens: must be ≥ 0"),
     (["a cat", "--prompt-lookup-tokens", "3", "--no-prompt-lookup"], None, "not both"),
 ])
 def test_bad_input_one_line_error(args, stdin, pattern):
