@@ -20,7 +20,8 @@ def run_cli(*args, stdin: bytes | None = None, timeout=300):
 def assert_one_line_error(rc, err, pattern):
     assert rc != 0
     assert "Traceback" not in err, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    # ours: "error: ..."; argparse's (a flag's type refused the value): "prog: error: ..." after its usage lines
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:") or ": error: " in l]
     assert len(lines) == 1 and pattern in lines[0], err
 
 
