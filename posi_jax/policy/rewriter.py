@@ -12,7 +12,12 @@ from posi_jax.errors import PosiError
 from posi_jax.policy.chat import check_prompts, request_ids, response_text
 from posi_jax.policy.sampler import SamplingConfig, generate
 
-_LENGTH_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a handful of shapes get compiled
+LENGTH_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a handful of shapes get compiled
+
+
+def padded_length(tokens: int) -> int:
+    """The prompt length of a batch whose longest request has `tokens` tokens (the server compiles these ahead)."""
+    return -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
 @dataclass
@@ -56,7 +61,7 @@ class Rewriter:
         rng = jax.random.key(seed)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            length = -(-max(len(r) for r in chunk) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+            length = padded_length(max(len(r) for r in chunk))
             if length + sampling.max_new_tokens > limit:
                 raise PosiError(f"prompt + {sampling.max_new_tokens} new tokens exceed the model's context of {limit}")
             # Pad the batch to a fixed size with copies of the first row (outputs dropped): one compiled shape.
