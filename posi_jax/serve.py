@@ -37,7 +37,7 @@ def parse_args(argv=None):
     ap.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                     help="debug also logs every prompt and its rewrite")
     batching = ap.add_argument_group("batching")
-    batching.add_argument("--batch-sizes", default="1,4,16", help="compiled batch sizes, increasing; the largest is "
+    batching.add_argument("--batch-sizes", default="1,8,32", help="compiled batch sizes, increasing; the largest is "
                                                                   "the largest batch")
     batching.add_argument("--max-wait-ms", type=float, default=10.0,
                           help="how long a prompt waits for others to join its batch")

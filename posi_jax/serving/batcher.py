@@ -28,12 +28,13 @@ from posi_jax.serving.metrics import Metrics, compilations
 
 log = logging.getLogger("posi_jax.serve")
 
+_PROBE_SENTENCE = "a photo of a cat sitting on a wooden chair in a sunny garden with flowers and trees. "
 _CHARS_PER_TOKEN_LIMIT = 64  # longer prompts are refused without tokenizing them (no BPE token is this long)
 
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    batch_sizes: tuple[int, ...] = (1, 4, 16)  # compiled batch shapes; the last is the largest batch
+    batch_sizes: tuple[int, ...] = (1, 8, 32)  # compiled batch shapes; the last is the largest batch
     max_wait_ms: float = 10.0  # how long the oldest queued prompt waits for others to join its batch
     max_queue: int = 256  # prompts waiting for a batch; a request that would exceed it gets 503 + Retry-After
     max_prompt_tokens: int = 64  # longer prompts are refused (400), which bounds the compiled prompt lengths
@@ -122,9 +123,12 @@ class DynamicBatcher:
         return len(self.sampling) * len(self.probes) * len(self.config.batch_sizes)
 
     def _length_probes(self) -> dict[int, str]:
+        """A prompt for each padded length a served prompt can reach: the first k words of a plain sentence (the
+        model ends its rewrite soon, so the warm-up runs are short), k growing until the token limit."""
         probes: dict[int, str] = {}
-        for k in range(1, self.config.max_prompt_tokens + 1):
-            text = " ".join(["cat"] * k)
+        words = (_PROBE_SENTENCE * (1 + self.config.max_prompt_tokens // 8)).split()
+        for k in range(1, len(words) + 1):
+            text = " ".join(words[:k])
             if len(self.rewriter.tokenizer.encode(text)) > self.config.max_prompt_tokens:
                 break
             probes.setdefault(padded_length(len(self.rewriter.chat_tokens(text))), text)

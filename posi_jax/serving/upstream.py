@@ -55,21 +55,25 @@ class UpstreamImages:
         """The upstream's reply (`{"created", "data": [...]}`) to `body`; APIError for anything else.
         `authorization`: the caller's header to forward, or None for the server's own key."""
         headers = {"content-type": "application/json"}
-        if authorization is None and self.server_key:
+        ours = authorization is None and bool(self.server_key)
+        if ours:
             authorization = f"Bearer {self.server_key}"
         if authorization is not None:
             headers["authorization"] = authorization
-        caller_key = authorization.split(" ", 1)[-1].strip() if authorization else None
+        caller_key = None if ours or not authorization else authorization.split(" ", 1)[-1].strip()
         failure = None
         for attempt in range(self.max_retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            failure, reply = await self._attempt(body, headers, min(self.timeout_s, remaining))
+            failure, outcome = await self._attempt(body, headers, min(self.timeout_s, remaining))
             if failure is None:
-                return reply
-            if failure.kind != "retry":  # the caller's problem (bad key, refused prompt, ...): passed back
-                raise reply
+                return outcome
+            if failure.kind == "auth" and ours:  # not the caller's to fix
+                raise APIError(502, f"the upstream images API refused this server's API key (HTTP {failure.status}): "
+                                    f"{self._redact(failure.detail)[:200]}", code="upstream_auth")
+            if failure.kind != "retry":  # the caller's own key or request (refused prompt, ...): passed back
+                raise outcome
             if self.metrics is not None:
                 self.metrics.upstream_errors.labels(failure.label).inc()
             log.warning("upstream %s attempt %d/%d failed: %s", self.url, attempt + 1, self.max_retries + 1,
@@ -91,7 +95,7 @@ class UpstreamImages:
                        code="upstream_error")
 
     async def _attempt(self, body: dict, headers: dict, timeout_s: float):
-        """(None, reply) on success, else (failure, APIError to pass back for a non-retryable reply)."""
+        """(None, the reply) on success; else (failure, the APIError that passes an error reply back, or None)."""
         try:
             response = await self._client.post(self.url, json=body, headers=headers, timeout=timeout_s)
         except Exception as e:

@@ -112,17 +112,20 @@ def test_upstream_4xx_is_passed_back_as_it_came_without_retries(proxy, fake):
     assert r.json()["error"]["code"] == "content_policy_violation"  # the upstream's own error object
 
 
-def test_the_servers_key_never_comes_back_in_a_passed_back_error(proxy, fake, caplog):
+def test_a_refused_key_is_the_callers_401_or_our_502_and_no_key_reaches_a_log(proxy, fake, caplog):
     fake.script({"": ["401echo"]})
     with caplog.at_level(logging.DEBUG):
         with proxy.client() as c:
-            r = c.post("/v1/images/generations", json={"prompt": "a cat"})
+            theirs = c.post("/v1/images/generations", headers={"authorization": f"Bearer {CALLER_KEY}"},
+                            json={"prompt": "a cat"})
+            ours = c.post("/v1/images/generations", json={"prompt": "a cat"})
             fake.script({"": ["500"]})
             failed = c.post("/v1/images/generations", headers={"authorization": f"Bearer {CALLER_KEY}"},
                             json={"prompt": "a dog"})
-    assert r.status_code == 401 and len(fake.log) == 4
-    assert SERVER_KEY not in r.text and "[API key redacted]" in r.json()["error"]["message"]
-    assert failed.status_code == 502 and "upstream" in caplog.text  # the failed attempts were logged ...
+    assert theirs.status_code == 401 and CALLER_KEY in theirs.json()["error"]["message"]  # theirs, passed back
+    assert ours.status_code == 502 and ours.json()["error"]["code"] == "upstream_auth"  # the server's to fix
+    assert SERVER_KEY not in ours.text and "[API key redacted]" in ours.json()["error"]["message"]
+    assert failed.status_code == 502 and len(fake.log) == 5 and "upstream" in caplog.text  # failures logged ...
     assert SERVER_KEY not in caplog.text and CALLER_KEY not in caplog.text  # ... without a key
 
 
