@@ -1,13 +1,17 @@
 """Load test of `python -m posi_jax.serve` with the real SmolLM2 rewriter, on loopback, bounded in requests and time.
 
-Starts the server (its warm-up compiles every served shape), then sends the same R one-prompt `/v1/rewrite` requests
-twice: one client, one request at a time; then N concurrent clients, each sending its next request when the last one
-came back, until R are sent. Prints requests sent / succeeded / failed, p50 / p99 latency, throughput of each phase and
-their ratio, the batches the server formed (from /metrics), and the XLA compilations after the warm-up (from /healthz,
-counted from JAX's compile events; must stay 0). Goals: 0 failed at 32 clients, throughput >= 4x the sequential client.
+Starts the server (its warm-up compiles every served shape), then sends R one-prompt `/v1/rewrite` requests twice,
+in rounds of N so that both sides see the same machine (this VM's speed drifts): in each round, one client sends the
+round's N requests one at a time, then N concurrent clients send the same N requests at once (each client sends its
+next request when its last came back). Prints requests sent / succeeded / failed, p50 / p99 latency, the throughput of
+each side (requests / seconds spent on that side) and their ratio, the batches the server formed (from /metrics), and
+the XLA compilations after the warm-up (from /healthz, counted from JAX's compile events; must stay 0). Goals: 0
+failed at 32 clients, throughput >= 4x the sequential client.
 
     python scripts/load_serve.py [--clients 32] [--requests 64] [--time-limit 1800] [--json out.json]
         [-- SERVER ARGS]    (default: --batch-sizes 1,8,32 --max-wait-ms 100 --max-prompt-tokens 32)
+
+Both sides are stopped at --time-limit (requests not sent by then count as unsent, which fails the goal).
 """
 from __future__ import annotations
 
@@ -63,24 +67,30 @@ async def one_request(client, prompt: str, timeout_s: float) -> tuple[bool, floa
     return ok, time.perf_counter() - t0, tokens, why
 
 
-async def phase(url: str, prompts: list[str], clients: int, deadline: float, timeout_s: float) -> dict:
-    """`clients` closed-loop clients share the list of requests; stops sending at `deadline`."""
-    todo = list(enumerate(prompts))
+async def phase(url: str, prompts: list[str], clients: int, deadline: float, timeout_s: float
+                ) -> tuple[list[tuple[bool, float, int, str]], float, int]:
+    """`clients` closed-loop clients share the list of requests; stops sending at `deadline`.
+    Returns (results, wall seconds, requests left unsent)."""
+    todo = list(prompts)
     results: list[tuple[bool, float, int, str]] = []
     limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx2.AsyncClient(base_url=url, limits=limits) as client:
         async def worker():
             while todo and time.monotonic() < deadline:
-                _, prompt = todo.pop(0)
+                prompt = todo.pop(0)
                 results.append(await one_request(client, prompt, max(1.0, min(timeout_s, deadline - time.monotonic()))))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
+    return results, wall, len(todo)
+
+
+def summary(clients: int, results: list, wall: float, unsent: int) -> dict:
     ok = [r for r in results if r[0]]
     latencies = [r[1] for r in ok]
     return {"clients": clients, "sent": len(results), "succeeded": len(ok), "failed": len(results) - len(ok),
-            "unsent": len(todo), "wall_s": wall, "throughput_rps": len(ok) / wall if wall else 0.0,
+            "unsent": unsent, "wall_s": wall, "throughput_rps": len(ok) / wall if wall else 0.0,
             "p50_s": percentile(latencies, 50) if latencies else None,
             "p99_s": percentile(latencies, 99) if latencies else None,
             "mean_new_tokens": statistics.mean(r[2] for r in ok) if ok else None,
@@ -121,17 +131,30 @@ def main() -> int:
         url = server.url
         health0, _ = scrape(url)
         deadline = time.monotonic() + args.time_limit
-        sequential = asyncio.run(phase(url, prompts, 1, deadline, args.request_timeout))
-        _, batches0 = scrape(url)
-        concurrent = asyncio.run(phase(url, prompts, args.clients, deadline, args.request_timeout))
-        health1, batches1 = scrape(url)
-    formed = batches1["count"] - batches0["count"]
+        sides = {1: ([], 0.0, 0), args.clients: ([], 0.0, 0)}
+        formed = batched = 0.0
+        for start in range(0, len(prompts), args.clients):
+            round_prompts = prompts[start:start + args.clients]
+            for clients in (1, args.clients):
+                _, before = scrape(url)
+                results, wall, unsent = asyncio.run(phase(url, round_prompts, clients, deadline,
+                                                          args.request_timeout))
+                _, after = scrape(url)
+                done, seconds, left = sides[clients]
+                sides[clients] = (done + results, seconds + wall, left + unsent)
+                if clients == args.clients:
+                    formed += after["count"] - before["count"]
+                    batched += after["sum"] - before["sum"]
+            print(f"round {start // args.clients + 1}: sequential {sides[1][1]:.0f} s, "
+                  f"concurrent {sides[args.clients][1]:.0f} s so far", flush=True)
+        health1, _ = scrape(url)
+    sequential, concurrent = (summary(c, *sides[c]) for c in (1, args.clients))
     report = {
         "server_args": server_args, "batch_sizes": health0["batch_sizes"], "prompt_lengths": health0["prompt_lengths"],
         "sampling": health0["sampling"], "sequential": sequential, "concurrent": concurrent,
         "throughput_ratio": (concurrent["throughput_rps"] / sequential["throughput_rps"]
                              if sequential["throughput_rps"] else None),
-        "concurrent_batches": formed, "mean_batch": (batches1["sum"] - batches0["sum"]) / formed if formed else None,
+        "concurrent_batches": formed, "mean_batch": batched / formed if formed else None,
         "compilations_after_warmup": health1["compilations_after_warmup"],
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
     }

@@ -76,8 +76,10 @@ class UpstreamImages:
                 raise outcome
             if self.metrics is not None:
                 self.metrics.upstream_errors.labels(failure.label).inc()
+            # the label only: an upstream's message may quote the prompt, which is logged at debug level alone
             log.warning("upstream %s attempt %d/%d failed: %s", self.url, attempt + 1, self.max_retries + 1,
-                        self._redact(f"{failure.label}: {failure.detail}"[:300], caller_key))
+                        failure.label)
+            log.debug("upstream failure detail: %s", self._redact(failure.detail[:300], caller_key))
             if attempt == self.max_retries:
                 break
             delay = openai_compat.backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, failure.retry_after)
