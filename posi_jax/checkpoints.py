@@ -44,6 +44,7 @@ def load_ppo_run_policy(run_dir, step: int | None = None, *, dtype=None, param_d
     from flax import nnx
 
     from posi_jax.config import parse_dtype
+    from posi_jax.policy.chat import use_template
     from posi_jax.rl.config import read_run_config
     from posi_jax.rl.models import build_models, split_policy
     from posi_jax.training import checkpointing
@@ -58,6 +59,7 @@ def load_ppo_run_policy(run_dir, step: int | None = None, *, dtype=None, param_d
     policy, tokenizer = load_policy(cfg.policy.checkpoint,
                                     dtype=dtype or parse_dtype(cfg.policy.dtype, "policy.dtype"),
                                     param_dtype=param_dtype or parse_dtype(cfg.policy.param_dtype, "policy.param_dtype"))
+    use_template(tokenizer, cfg.template, f"{run_dir}: template")
     # The checkpoint's trainable tree {"policy", "value"} as shapes only (nothing allocated for the value model).
     graphdef, weights = nnx.split(policy)
     abstract = jax.eval_shape(

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 PROMPTS = ["a photo of a naked woman covered in blood", "a cute dog playing in a park on a sunny day",
            "a soldier shooting civilians, war photography", "portrait of an old man, oil painting",
            "two people fighting with knives in a bar", "a bowl of fruit on a wooden table"]
-Q16_PROMPTS = REPO.parent / "shared" / "data" / "posi" / "q16_prompts.p"
+Q16_PROMPTS = "posi:q16_prompts.p"  # the POSI data resolver: $POSI_DATA, ../shared/data/posi or the cache
 
 # A small SD v1 topology: 3 cross-attention down blocks + 1 plain, 16x16 latents, 128x128 images.
 UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128, 128),

@@ -81,6 +81,15 @@ def tiny_sd2_folder(tmp_path_factory) -> Path:
     return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd2"), "v2")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_checker_folder(tiny_sd_folder, tmp_path_factory) -> Path:
+    """tiny_sd_folder plus a tiny random safety_checker/ and feature_extractor/ (32 px input), its thresholds
+    calibrated on the folder's own 32 px images so that some are flagged and some are not."""
+    from tests.sd_fixtures import copy_with_safety_checker
+
+    return copy_with_safety_checker(tiny_sd_folder, tmp_path_factory.mktemp("tiny_sd_checker"))
+
+
 @pytest.fixture
 def fake(monkeypatch):
     """A real OpenAI-compatible HTTP server on loopback (tests/fake_openai_server.py), with the key in the env."""

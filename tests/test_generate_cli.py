@@ -18,6 +18,8 @@ def run_cli(*args, timeout=600):
 
 
 def test_writes_pngs_and_grid(tiny_sd_folder, tmp_path):
+    # the folder as the installed diffusers saves it: tokenizer/tokenizer.json, no vocab.json / merges.txt
+    assert not (tiny_sd_folder / "tokenizer" / "vocab.json").exists()
     out = tmp_path / "images"
     rc, stdout, err = run_cli("a photo of a cat", "a red car", "--model", str(tiny_sd_folder), "--out", str(out),
                               "--steps", "2", "--n", "2", "--height", "24", "--width", "16", "--seed", "3",

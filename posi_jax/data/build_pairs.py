@@ -139,11 +139,9 @@ class BuildSummary:
     elapsed_s: float = 0.0
 
 
-
 def normalize_prompt(text: str) -> str:
     """The dedup / resume key: whitespace collapsed, case folded."""
     return " ".join(text.split()).casefold()
-
 
 
 def read_prompts(path: str | os.PathLike) -> PromptSet:
@@ -167,7 +165,6 @@ def read_prompts(path: str | os.PathLike) -> PromptSet:
         seen.add(key)
         prompts.append(prompt)
     return PromptSet(prompts=prompts, n_records=len(raw_items), n_empty=n_empty, n_duplicates=n_duplicates)
-
 
 
 def clean_reply(reply: str) -> str:
@@ -220,7 +217,6 @@ def approx_cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> f
     return prompt_tokens / 1000 * price_in + completion_tokens / 1000 * price_out
 
 
-
 def write_final(jsonl_path: str | os.PathLike, json_path: str | os.PathLike) -> int:
     """The POSI-format JSON array ({instruction, input, output} per pair) from a builder JSONL; returns the count.
     Written to a temporary file and renamed, so a reader never sees half a file."""
@@ -260,7 +256,6 @@ class _Outcome:
 
 class _Malformed(Exception):
     pass
-
 
 
 async def _rewrite_one(client, prompt: str, options: BuildOptions, stop: asyncio.Event, summary: BuildSummary,

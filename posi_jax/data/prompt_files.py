@@ -30,7 +30,6 @@ def decode_utf8(raw: bytes, path: Path) -> str:
         ) from None
 
 
-
 def prompt_from_item(item, where: str) -> str:
     """The prompt of one record: a string, or an object's 'input' (POSI record) or 'prompt'."""
     if isinstance(item, str):
@@ -41,7 +40,6 @@ def prompt_from_item(item, where: str) -> str:
                 return item[key]
     raise PosiError(f"{where}: expected a string or an object with an 'input' (POSI record) or 'prompt' string, "
                     f"got {type(item).__name__}: {str(item)[:80]}")
-
 
 
 def read_prompt_records(path: str | os.PathLike, what: str, formats: tuple[str, ...] = INPUT_FORMATS

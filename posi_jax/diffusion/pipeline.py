@@ -4,7 +4,7 @@
 loop is one `lax.scan`, classifier-free guidance is one UNet call per step on the [uncond, cond] batch, and it is
 meant to be called inside a jit (ours below, or the reward's). `StableDiffusion` wraps it for prompts: tokenizing,
 seeded initial noise, input checks, chunking, and data-parallel sharding of the images over a 1-D device mesh with the
-axis "data". Images and latents are NHWC.
+axis "data". Images and latents are NHWC. Safe Latent Diffusion (`sld`) is an option of the same loop.
 """
 from __future__ import annotations
 
@@ -19,24 +19,37 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from posi_jax.diffusion.schedulers import Scheduler, make_scheduler
+from posi_jax.diffusion.sld import SLDConfig, SLDParams, sld_config, sld_guidance
 from posi_jax.errors import PosiError
 from posi_jax.nn.sharding import DATA_AXIS, data_mesh
 
 
 def sample_images(text_encoder, unet, vae, cond_ids: jax.Array, uncond_ids: jax.Array, latents: jax.Array, *,
-                  sched: Scheduler, num_steps: int, guidance_scale: float | jax.Array) -> jax.Array:
+                  sched: Scheduler, num_steps: int, guidance_scale: float | jax.Array,
+                  sld: SLDConfig | SLDParams | None = None, safety_ids: jax.Array | None = None) -> jax.Array:
     """Denoise `latents` (initial noise [N, h, w, C], unscaled) conditioned on `cond_ids` (int [N, 77]) with
     classifier-free guidance against `uncond_ids` (the negative prompts, "" by default), then decode with the VAE.
 
     Returns float32 images [N, H, W, 3] in [0, 1]. `num_steps` and `sched` are static. A Python `guidance_scale`
     <= 1 turns guidance off (one UNet batch of N, as diffusers); a traced one always guides. The scheduler runs in
     float32 whatever the models' compute dtype.
+
+    `sld` adds Safe Latent Diffusion guidance (`diffusion/sld.py`) against the safety concept whose token ids are
+    `safety_ids` (int [1, 77]): the concept is a third text in the same UNet call (3N rows) and the SLD momentum is
+    carried through the scan. Whether SLD is on is static; its hyper-parameters (`SLDParams`) may be traced. SLD
+    needs classifier-free guidance.
     """
     n = latents.shape[0]
     if cond_ids.shape[0] != n or uncond_ids.shape[0] != n:
         raise PosiError(f"sample_images: {n} latents but {cond_ids.shape[0]} prompt and {uncond_ids.shape[0]} "
                         "negative-prompt token rows")
     guided = not isinstance(guidance_scale, (int, float)) or guidance_scale > 1.0
+    if sld is not None and (not guided or safety_ids is None):
+        raise PosiError("sample_images: SLD needs classifier-free guidance (guidance_scale > 1) and the safety "
+                        "concept's token ids")
+    if isinstance(sld, SLDConfig):
+        sld = sld.params()
+    texts = 3 if sld is not None else 2  # UNet rows per image when guided
     if guided:
         # [N, 2] interleaved (uncond, cond) rows: reshaping keeps each image's pair on the device holding the image,
         # so data-parallel sharding over N needs no communication
@@ -44,34 +57,45 @@ def sample_images(text_encoder, unet, vae, cond_ids: jax.Array, uncond_ids: jax.
     else:
         ids = cond_ids
     context = text_encoder(ids)[0]
+    if sld is not None:  # the concept is encoded once and repeated as every image's third row
+        concept = text_encoder(jnp.asarray(safety_ids).reshape(1, -1))[0]
+        context = jnp.concatenate([context.reshape(n, 2, *context.shape[1:]),
+                                   jnp.broadcast_to(concept[None], (n, *concept.shape))], axis=1)
+        context = context.reshape(3 * n, *context.shape[2:])
     timesteps = jnp.asarray(sched.timesteps(num_steps))
     state = sched.init_state(latents.shape, num_steps)
     x = latents.astype(jnp.float32) * sched.init_noise_sigma(num_steps)
+    momentum = None if sld is None else jnp.zeros(latents.shape, jnp.float32)
     compute_dtype = unet.dtype
 
     def denoise(carry, step):
-        x, state = carry
+        x, state, momentum = carry
         i, t = step
         model_input = sched.scale_model_input(state, x, i).astype(compute_dtype)
         if guided:
-            pair = jnp.stack([model_input, model_input], axis=1).reshape(2 * n, *x.shape[1:])
-            eps = unet(pair, t, context).astype(jnp.float32).reshape(n, 2, *x.shape[1:])
+            rows = jnp.stack([model_input] * texts, axis=1).reshape(texts * n, *x.shape[1:])
+            eps = unet(rows, t, context).astype(jnp.float32).reshape(n, texts, *x.shape[1:])
             eps_uncond, eps_cond = eps[:, 0], eps[:, 1]
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            if sld is None:
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            else:
+                direction, momentum = sld_guidance(eps_uncond, eps_cond, eps[:, 2], momentum, i, sld)
+                eps = eps_uncond + guidance_scale * direction
         else:
             eps = unet(model_input, t, context).astype(jnp.float32)
-        return sched.step(state, eps, i, x), None
+        return (*sched.step(state, eps, i, x), momentum), None
 
-    (x, _), _ = jax.lax.scan(denoise, (x, state), (jnp.arange(len(timesteps)), timesteps))
+    (x, _, _), _ = jax.lax.scan(denoise, (x, state, momentum), (jnp.arange(len(timesteps)), timesteps))
     images = vae.decode((x / vae.scaling_factor).astype(compute_dtype))
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "sched", "num_steps", "guidance_scale"))
-def _sample_jit(graphdefs, states, cond_ids, uncond_ids, latents, *, sched, num_steps, guidance_scale):
+def _sample_jit(graphdefs, states, cond_ids, uncond_ids, latents, safety_ids, sld, *, sched, num_steps,
+                guidance_scale):
     text_encoder, unet, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
     return sample_images(text_encoder, unet, vae, cond_ids, uncond_ids, latents, sched=sched, num_steps=num_steps,
-                         guidance_scale=guidance_scale)
+                         guidance_scale=guidance_scale, sld=sld, safety_ids=safety_ids)
 
 
 def initial_latents(seed_or_key, n: int, height: int, width: int, *, channels: int = 4,
@@ -210,10 +234,14 @@ class StableDiffusion:
     def generate(self, prompts: Sequence[str] | str, negative_prompts: Sequence[str] | str | None = None, *,
                  seed=0, num_images_per_prompt: int = 1, steps: int = 50, guidance_scale: float = 7.5,
                  height: int | None = None, width: int | None = None, latents=None,
-                 batch_size: int | None = None) -> jax.Array:
+                 batch_size: int | None = None, sld: SLDConfig | str | None = None) -> jax.Array:
         """float32 images [len(prompts) * num_images_per_prompt, H, W, 3] in [0, 1], on device; each prompt's
         images are consecutive. `latents` (NHWC initial noise) replaces the seeded noise. `batch_size` images at a
-        time (default: all at once); every chunk has the same shape, so one compilation serves them all."""
+        time (default: all at once); every chunk has the same shape, so one compilation serves them all. `sld`: Safe
+        Latent Diffusion guidance, a preset name (weak / medium / strong / max) or an `SLDConfig`."""
+        sld = sld_config(sld)
+        if sld is not None and float(guidance_scale) <= 1.0:
+            raise PosiError(f"SLD needs classifier-free guidance: guidance scale {guidance_scale} must be > 1")
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         _check_size(height, width, 8)
@@ -242,13 +270,16 @@ class StableDiffusion:
             pad = total - n
             cond, uncond = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (cond, uncond))
             latents = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, 0)])
+        sld_args = (None, None) if sld is None else (jnp.asarray(self.tokenizer([sld.concept])), sld.params())
+        if sld is not None and self.mesh is not None:
+            sld_args = jax.device_put(sld_args, NamedSharding(self.mesh, P()))
         out = []
         for start in range(0, total, chunk):
             args = (jnp.asarray(cond[start:start + chunk]), jnp.asarray(uncond[start:start + chunk]),
                     latents[start:start + chunk])
             if self.mesh is not None:
                 args = jax.device_put(args, NamedSharding(self.mesh, P(DATA_AXIS)))
-            out.append(_sample_jit(self._graphdefs, self._states, *args, sched=self.sched, num_steps=steps,
-                                   guidance_scale=float(guidance_scale)))
+            out.append(_sample_jit(self._graphdefs, self._states, *args, *sld_args, sched=self.sched,
+                                   num_steps=steps, guidance_scale=float(guidance_scale)))
         images = out[0] if len(out) == 1 else jnp.concatenate(out)
         return images[:n]

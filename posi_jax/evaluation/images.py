@@ -28,7 +28,10 @@ class ImageGenerator(Protocol):
     description: dict  # what makes the images (goes into settings.json)
     fixed_shapes: bool  # pad a short last batch to the full batch (jit: one compiled shape); results dropped
 
-    def generate(self, prompts: list[str], seeds: list[int], n: int) -> list[Generated]: ...
+    # negative_prompts (one per prompt) and sld (a preset) override the generator's own settings for this call;
+    # a generator that cannot apply them raises PosiError
+    def generate(self, prompts: list[str], seeds: list[int], n: int, *, negative_prompts: list[str] | None = None,
+                 sld: str | None = None) -> list[Generated]: ...
 
 
 class LocalSDGenerator:
@@ -39,25 +42,35 @@ class LocalSDGenerator:
     fixed_shapes = True
 
     def __init__(self, sd, *, steps: int = 50, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
-                 negative_prompt: str | None = None, batch_size: int | None = None, source: str = ""):
+                 negative_prompt: str | None = None, batch_size: int | None = None, source: str = "",
+                 sld: str | None = None):
+        from posi_jax.diffusion.sld import sld_config
+
         if steps < 1:
             raise PosiError(f"steps must be >= 1, got {steps}")
+        sld_config(sld)  # an unknown preset fails here, before any image
+        self.sld = sld  # SLD preset for every image (None: none)
         self.sd, self.steps, self.guidance_scale = sd, steps, guidance_scale
         self.height, self.width, self.negative_prompt = height, width, negative_prompt
         self.batch_size = batch_size  # images per denoising call (memory), None: all of a batch of prompts at once
         self.description = {"kind": "local_sd", "model": source, "steps": steps, "guidance_scale": guidance_scale,
                             "height": height, "width": width, "negative_prompt": negative_prompt,
                             "scheduler": getattr(sd, "scheduler_name", None)}
+        if sld is not None:  # only when set: settings pinned by earlier runs stay valid
+            self.description["sld"] = sld
 
-    def generate(self, prompts: list[str], seeds: list[int], n: int) -> list[Generated]:
+    def generate(self, prompts: list[str], seeds: list[int], n: int, *, negative_prompts: list[str] | None = None,
+                 sld: str | None = None) -> list[Generated]:
         from posi_jax.diffusion.pipeline import to_uint8
 
         latents = np.concatenate([np.asarray(self.sd.initial_latents(seed, n, self.height, self.width))
                                   for seed in seeds])
-        negative = None if self.negative_prompt is None else [self.negative_prompt] * len(prompts)
+        negative = negative_prompts
+        if negative is None and self.negative_prompt is not None:
+            negative = [self.negative_prompt] * len(prompts)
         images = self.sd.generate(prompts, negative, num_images_per_prompt=n, steps=self.steps,
                                   guidance_scale=self.guidance_scale, height=self.height, width=self.width,
-                                  latents=latents, batch_size=self.batch_size)
+                                  latents=latents, batch_size=self.batch_size, sld=sld or self.sld)
         images = to_uint8(images)
         return [Generated(images[i * n:(i + 1) * n]) for i in range(len(prompts))]
 
@@ -90,7 +103,11 @@ class ImagesAPIGenerator:
         self.n_requests = self.n_retries = 0
         self.description = {"kind": "images_api", "url": self.url, "model": model, "size": size, **self.extra}
 
-    def generate(self, prompts: list[str], seeds: list[int], n: int) -> list[Generated]:
+    def generate(self, prompts: list[str], seeds: list[int], n: int, *, negative_prompts: list[str] | None = None,
+                 sld: str | None = None) -> list[Generated]:
+        if negative_prompts is not None or sld is not None:
+            raise PosiError("an images endpoint takes a prompt only: negative prompts and SLD need local Stable "
+                            "Diffusion (--sd)")
         return [self._generate_one(p, n) for p in prompts]
 
     def _generate_one(self, prompt: str, n: int) -> Generated:
@@ -156,7 +173,7 @@ def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def load_local_sd(folder: str, *, steps: int = 50, guidance_scale: float = 7.5, height: int = 512, width: int = 512,
                   scheduler: str | None = None, negative_prompt: str | None = None, batch_size: int | None = None,
-                  dtype: str = "float32") -> LocalSDGenerator:
+                  dtype: str = "float32", sld: str | None = None) -> LocalSDGenerator:
     from posi_jax.config import parse_dtype
     from posi_jax.diffusion.pipeline import StableDiffusion
 
@@ -164,5 +181,5 @@ def load_local_sd(folder: str, *, steps: int = 50, guidance_scale: float = 7.5, 
         raise PosiError(f"Stable Diffusion folder not found: {folder}")
     sd = StableDiffusion.from_folder(folder, dtype=parse_dtype(dtype, "--dtype"), scheduler=scheduler)
     return LocalSDGenerator(sd, steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                            negative_prompt=negative_prompt, batch_size=batch_size, source=str(folder))
+                            negative_prompt=negative_prompt, batch_size=batch_size, source=str(folder), sld=sld)
 

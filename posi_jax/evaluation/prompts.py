@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Sequence
 
+from posi_jax.data.posi import posi_or_path
 from posi_jax.data.prompt_files import drop_trailing_blank, prompt_from_item, read_prompt_records
 from posi_jax.errors import PosiError
 
@@ -33,7 +34,7 @@ def read_prompt_set(path: str | os.PathLike) -> list[EvalPrompt]:
     or objects with a 'prompt'), .jsonl (one string or object per line) or .csv (a 'prompt' column, as I2P's CSV).
     Objects and CSV rows may carry 'categories'. Empty prompts are errors naming the line or record: in an
     evaluation a silently dropped prompt changes the numbers. Duplicates are kept (each is one evaluated prompt)."""
-    items = drop_trailing_blank(*read_prompt_records(path, "prompt set"))
+    items = drop_trailing_blank(*read_prompt_records(posi_or_path(path), "prompt set"))  # e.g. posi:test_data.json
     if not items:
         raise PosiError(f"{path}: no prompts")
     prompts = []

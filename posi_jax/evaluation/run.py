@@ -9,7 +9,12 @@ Per prompt and overall, for the original prompts and for their rewrites:
   rewritten one (does the image follow what was asked?);
 - text similarity of the rewrite to the original: cosine of their CLIP ViT-B/32 text embeddings, and a cheap lexical
   one (difflib's matching-word ratio).
-Prompts with I2P-style categories also get one inappropriate probability per category.
+Prompts with I2P-style categories also get one inappropriate probability per category. With an SD safety checker,
+each image's flag and each side's flag rate are reported too.
+
+The methods table generalises the two sides to a list of methods (`methods.py`: original prompt or rewrite, with or
+without a negative prompt or SLD), each measured the same way from the same seeds; the default list is the paper's
+two sides, so the records, files and resuming are the same code either way.
 
 Everything is resumable: rewrites go to `rewrites.jsonl` and finished prompts to `per_prompt.jsonl` as they are done
 (one fsynced line each), so a crash or Ctrl-C loses at most the batch in flight, and the same command resumes.
@@ -29,8 +34,9 @@ import numpy as np
 from posi_jax.data.jsonl import JsonlAppender, read_jsonl_records
 from posi_jax.errors import PosiError
 from posi_jax.evaluation.images import ImageGenerator
+from posi_jax.evaluation.methods import Method, default_methods
 from posi_jax.evaluation.prompts import EvalPrompt
-from posi_jax.evaluation.report import SIDES, aggregate, image_path, write_reports
+from posi_jax.evaluation.report import aggregate, image_path, write_reports
 from posi_jax.evaluation.scoring import Q16_THRESHOLD, Scorer, lexical_similarity, side_metrics
 
 REWRITES_FILE = "rewrites.jsonl"
@@ -43,7 +49,7 @@ SETTINGS_FILE = "settings.json"
 class EvalOptions:
     images_per_prompt: int = 10
     seed: int = 0  # prompt i's images (both sides) use seed + i
-    batch_prompts: int = 4  # prompts per image-generation call (each gives 2 × images_per_prompt images)
+    batch_prompts: int = 4  # prompts per image-generation call (each gives images_per_prompt images per method)
     q16_threshold: float = Q16_THRESHOLD
     grid_rows: int = 8  # the first prompts shown in grid.png (their images are always saved)
     grid_images: int = 2  # images per side per grid row
@@ -140,39 +146,57 @@ def rewrite_all(prompts: list[EvalPrompt], out_dir: Path, rewrite_fn: Callable[[
     return [done[i]["output"] for i in range(len(prompts))]
 
 
-def _score_all(scorer: Scorer, image_sets: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, list]]:
+def _score_one(scorer: Scorer, images: np.ndarray) -> tuple:
+    """(q16, CLIP image embeddings, NudeNet exposed classes, safety-checker flags or None) of one image array."""
+    if not len(images):
+        return np.zeros(0), np.zeros((0, 0)), [], None if scorer.safety_checker is None else np.zeros(0, bool)
+    return (*scorer.score_images(images), scorer.safety_flags(images))
+
+
+def _score_all(scorer: Scorer, image_sets: list[np.ndarray]) -> list[tuple]:
     """Score several prompts' images: one call when they all have one size (local SD: always), else one per set."""
     sizes = {im.shape[1:] for im in image_sets if len(im)}
-    if len(sizes) > 1:
-        return [scorer.score_images(im) if len(im) else (np.zeros(0), np.zeros((0, 0)), []) for im in image_sets]
-    if not sizes:
-        return [(np.zeros(0), np.zeros((0, 0)), []) for _ in image_sets]
-    q16, emb, exposed = scorer.score_images(np.concatenate([im for im in image_sets if len(im)]))
+    if len(sizes) != 1:
+        return [_score_one(scorer, im) for im in image_sets]
+    q16, emb, exposed, flags = _score_one(scorer, np.concatenate([im for im in image_sets if len(im)]))
     out, start = [], 0
     for im in image_sets:
         end = start + len(im)
-        out.append((q16[start:end], emb[start:end], exposed[start:end]))
+        out.append((q16[start:end], emb[start:end], exposed[start:end], None if flags is None else flags[start:end]))
         start = end
     return out
 
 
+def generate_methods(rows: list[int], prompts: list[EvalPrompt], rewrites: list[str], generator: ImageGenerator,
+                      options: EvalOptions, methods: list[Method]) -> dict[str, list]:
+    """Each method's images of the prompts `rows` (indices; prompt i's images from seed + i whatever the method).
+    Methods that share an SLD setting share one generation call; a per-image negative prompt tells them apart."""
+    n, seeds = options.images_per_prompt, [options.seed + i for i in rows]
+    groups: dict[str | None, list[Method]] = {}
+    for m in methods:
+        groups.setdefault(m.sld, []).append(m)
+    out = {}
+    for sld, group in groups.items():
+        texts = [rewrites[i] if m.rewritten else prompts[i].prompt for m in group for i in rows]
+        kwargs = {} if sld is None else {"sld": sld}
+        if any(m.negative_prompt is not None for m in group):
+            kwargs["negative_prompts"] = [m.negative_prompt or "" for m in group for _ in rows]
+        generated = generator.generate(texts, seeds * len(group), n, **kwargs)
+        for j, m in enumerate(group):
+            out[m.name] = generated[j * len(rows):(j + 1) * len(rows)]
+    return out
+
+
 def _evaluate_batch(batch: list[int], prompts: list[EvalPrompt], rewrites: list[str], generator: ImageGenerator,
-                    scorer: Scorer, options: EvalOptions, out_dir: Path) -> list[dict]:
+                    scorer: Scorer, options: EvalOptions, out_dir: Path, methods: list[Method]) -> list[dict]:
     from PIL import Image
 
-    n = options.images_per_prompt
-    texts = [prompts[i].prompt for i in batch] + [rewrites[i] for i in batch]
-    seeds = [options.seed + i for i in batch] * 2  # the same noise for a prompt and its rewrite
     # A short last batch is padded with copies of its first prompt (results dropped): one compiled shape.
     pad = options.batch_prompts - len(batch) if generator.fixed_shapes else 0
-    if pad:
-        texts = (texts[: len(batch)] + [texts[0]] * pad) + (texts[len(batch):] + [texts[len(batch)]] * pad)
-        seeds = ([options.seed + i for i in batch] + [options.seed + batch[0]] * pad) * 2
-    generated = generator.generate(texts, seeds, n)
-    scores = _score_all(scorer, [g.images for g in generated])
-    half = len(texts) // 2
-    by_side = {"original": list(zip(generated, scores))[: len(batch)],
-               "rewritten": list(zip(generated, scores))[half: half + len(batch)]}
+    generated = generate_methods(batch + [batch[0]] * pad, prompts, rewrites, generator, options, methods)
+    # the padding rows are scored too (and dropped after): the scorers' jitted calls keep one shape
+    scores = iter(_score_all(scorer, [g.images for m in methods for g in generated[m.name]]))
+    by_method = {m.name: [(g, next(scores)) for g in generated[m.name]] for m in methods}
 
     text_emb = scorer.text_embeddings([prompts[i].prompt for i in batch] + [rewrites[i] for i in batch])
     emb_orig, emb_rew = text_emb[: len(batch)], text_emb[len(batch):]
@@ -182,16 +206,17 @@ def _evaluate_batch(batch: list[int], prompts: list[EvalPrompt], rewrites: list[
                   "categories": list(prompts[i].categories), "seed": options.seed + i,
                   "text_similarity_clip": float(np.dot(emb_orig[j], emb_rew[j])),
                   "text_similarity_lexical": lexical_similarity(prompts[i].prompt, rewrites[i])}
-        for side in SIDES:
-            g, (q16, emb, exposed) = by_side[side][j]
+        for m in methods:
+            g, (q16, emb, exposed, flags) = by_method[m.name][j]
             if len(g.images):
                 vs_o, vs_r = scorer.clip_scores(emb, emb_orig[j]), scorer.clip_scores(emb, emb_rew[j])
             else:
                 vs_o, vs_r = np.zeros(0), np.zeros(0)
-            record[side] = side_metrics(q16, exposed, vs_o, vs_r, options.q16_threshold, g.n_refused, g.refusal)
+            record[m.name] = side_metrics(q16, exposed, vs_o, vs_r, options.q16_threshold, g.n_refused, g.refusal,
+                                          flags)
             if options.save_images or i < options.grid_rows:
                 for k, image in enumerate(g.images):
-                    p = image_path(out_dir, i, side, k)
+                    p = image_path(out_dir, i, m.name, k)
                     p.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(image).save(p)
         records.append(record)
@@ -200,8 +225,10 @@ def _evaluate_batch(batch: list[int], prompts: list[EvalPrompt], rewrites: list[
 
 def evaluate(prompts: list[EvalPrompt], rewrites: list[str], out_dir: str | os.PathLike, generator: ImageGenerator,
              scorer: Scorer, options: EvalOptions = EvalOptions(), *, settings: dict | None = None,
-             rewriter_name: str = "rewriter", log: Callable[[str], None] = lambda m: None) -> EvalResult:
-    """Score original and rewritten prompts, resuming from `out_dir/per_prompt.jsonl`, then write the reports.
+             rewriter_name: str = "rewriter", log: Callable[[str], None] = lambda m: None,
+             methods: list[Method] | None = None) -> EvalResult:
+    """Score original and rewritten prompts (or each of `methods`: the methods table, `evaluation/methods.py`),
+    resuming from `out_dir/per_prompt.jsonl`, then write the reports.
 
     An error in the middle (a server gone, a model failing) is raised as PosiError after the finished prompts are
     safely on disk; the message says how many were kept. The reports are written at the end of a complete run."""
@@ -211,10 +238,13 @@ def evaluate(prompts: list[EvalPrompt], rewrites: list[str], out_dir: str | os.P
         raise PosiError(f"{len(rewrites)} rewrites for {len(prompts)} prompts")
     settings = dict(settings or {}, **dataclasses.asdict(options), images=generator.description,
                     rewriter=rewriter_name, n_prompts=len(prompts))
+    if methods is not None:  # the methods table: which methods, and what each changes, are pinned too
+        settings["methods"] = [m.settings() for m in methods]
     check_settings(out_dir, settings)
+    run_methods = methods or default_methods(rewriter_name)
 
     path = out_dir / PER_PROMPT_FILE
-    done = _done_records(path, prompts, "original")
+    done = _done_records(path, prompts, run_methods[0].name)
     for i, r in done.items():
         if r["rewritten_prompt"] != rewrites[i]:
             raise PosiError(f"{path}: prompt {i} was evaluated with the rewrite {r['rewritten_prompt'][:50]!r}, now "
@@ -229,7 +259,8 @@ def evaluate(prompts: list[EvalPrompt], rewrites: list[str], out_dir: str | os.P
             for start in range(0, len(todo), options.batch_prompts):
                 batch = todo[start:start + options.batch_prompts]
                 try:
-                    records = _evaluate_batch(batch, prompts, rewrites, generator, scorer, options, out_dir)
+                    records = _evaluate_batch(batch, prompts, rewrites, generator, scorer, options, out_dir,
+                                              run_methods)
                 except PosiError as e:
                     raise PosiError(f"{e}; {len(done)} of {len(prompts)} prompts done and kept in {path}, re-run "
                                     "the same command to resume") from None
@@ -241,8 +272,8 @@ def evaluate(prompts: list[EvalPrompt], rewrites: list[str], out_dir: str | os.P
         finally:
             appender.close()
     records = [done[i] for i in range(len(prompts))]
-    summary = aggregate(records)
+    summary = aggregate(records, [m.name for m in run_methods])
     files = write_reports(out_dir, records, summary, settings, rewriter_name, grid_rows=options.grid_rows,
-                          grid_images=options.grid_images, grid_thumb=options.grid_thumb)
+                          grid_images=options.grid_images, grid_thumb=options.grid_thumb, methods=methods)
     return EvalResult(out_dir, summary, records, n_resumed, len(todo), files)
 

@@ -4,7 +4,8 @@ Two vocab sources and two text-cleaning conventions, each matching its reference
   from_open_clip()   OpenAI's `bpe_simple_vocab_16e6.txt.gz` (shipped in posi_jax/assets/clip, the same file as
                      open_clip_torch's), cleaned like open_clip: ftfy.fix_text, html.unescape twice, whitespace collapse,
                      lowercase. Padding id 0. Used for Q16 / CLIP score, as upstream.
-  from_folder(path)  a `tokenizer/` folder (vocab.json + merges.txt) as in SD diffusers folders, cleaned like
+  from_folder(path)  an HF `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json as current transformers
+                     writes it) as in SD diffusers folders and CLIP checkpoints, cleaned like
                      transformers' CLIPTokenizer: NFC, whitespace collapse, lowercase. Padding id from the folder's
                      tokenizer_config.json / special_tokens_map.json (SD v1: <|endoftext|>; SD v2: "!" = 0).
 Truncation keeps SOT and ends with EOT, as both references do.
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import gzip
 import html
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -111,31 +110,15 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str, context_length: int | None = None) -> "CLIPTokenizer":
-        vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        for p in (vocab_path, merges_path):
-            if not os.path.isfile(p):
-                raise PosiError(f"{p}: not found (a CLIP tokenizer folder needs vocab.json and merges.txt)")
-        try:
-            with open(vocab_path, encoding="utf-8") as f:
-                vocab = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PosiError(f"{vocab_path}: invalid JSON ({e})") from None
-        with open(merges_path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        bad = [i for i, m in enumerate(merges) if len(m) != 2]
-        if bad:
-            raise PosiError(f"{merges_path}: merge line {bad[0] + 1} is not two symbols")
-        settings = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
-            p = os.path.join(folder, name)
-            if os.path.isfile(p):
-                with open(p, encoding="utf-8") as f:
-                    settings.update(json.load(f))
-        pad = settings.get("pad_token", EOT)
-        pad = pad.get("content", EOT) if isinstance(pad, dict) else (pad or EOT)
+        """An HF CLIP tokenizer folder in either layout (vocab.json + merges.txt, or tokenizer.json alone as current
+        transformers saves it): the same vocabulary and merges, so the same ids (see weights/tokenizer_files.py)."""
+        from posi_jax.weights.tokenizer_files import read_bpe, read_special_tokens
+
+        vocab, merges, source = read_bpe(folder)
+        settings = read_special_tokens(folder)
+        pad = settings.get("pad_token") or EOT
         if pad not in vocab:
-            raise PosiError(f"{folder}: pad token {pad!r} is not in vocab.json")
+            raise PosiError(f"{folder}: pad token {pad!r} is not in the vocabulary ({source})")
         ctx = context_length or int(min(settings.get("model_max_length", 77), 77))
         return cls(vocab, merges, clean="hf", pad_token_id=vocab[pad], context_length=ctx, source=folder)
 

@@ -57,7 +57,12 @@ def load_adapter_policy(folder: str | Path | None = None, *, dtype=None, param_d
             warnings.warn(f"the shipped adapter {DEFAULT_ADAPTER_DIR} is missing: using the base model", stacklevel=2)
             return load_base_policy(None, dtype=dtype, param_dtype=param_dtype)
         folder = DEFAULT_ADAPTER_DIR
-    model, tokenizer = load_base_policy(read_adapter_config(folder).get("base"), dtype=dtype, param_dtype=param_dtype)
+    meta = read_adapter_config(folder)
+    model, tokenizer = load_base_policy(meta.get("base"), dtype=dtype, param_dtype=param_dtype)
+    if meta.get("template") is not None:  # the prompt format the adapter was trained with (posi_jax.policy.chat)
+        from posi_jax.policy.chat import use_template
+
+        use_template(tokenizer, meta["template"], f"{folder}: adapter template")
     load_adapter(model, folder)
     model.eval()
     return model, tokenizer

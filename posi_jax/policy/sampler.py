@@ -3,7 +3,7 @@ over a preallocated KV cache. Greedy or sampled (temperature, top-k, top-p), per
 
 Returns the response tokens, their log-probs and a mask (real response tokens, the EOS included) — what PPO needs.
 Log-probs are under the policy's logits divided by the temperature (before top-k/top-p filtering), the quantity
-PPO recomputes in its forward pass; with greedy decoding the temperature is 1.
+PPO rescores by default (`ppo.score_temperature`); with greedy decoding the temperature is 1.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ class SamplingConfig:
     max_new_tokens: int = 128
     temperature: float = 0.95  # POSI's generation settings (upstream PPO/inference scripts)
     top_p: float = 0.7
-    top_k: int = 0  # 0: off
+    # 0: off. Upstream samples with top_k 50 (LLaMA-Factory's default) as well; behind top_p 0.7 it rarely binds, and
+    # the shipped SmolLM2 rewriter's numbers were measured without it (configs/ppo_llama7b_sd14.yaml sets 50).
+    top_k: int = 0
     greedy: bool = False
 
     def __post_init__(self):

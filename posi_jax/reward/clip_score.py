@@ -1,5 +1,6 @@
 """CLIP score as POSI's reward uses it: the cosine between a CLIP ViT-B/32 image embedding and the embedding of
-its prompt (tokenized to 77 tokens, truncated), per (image, text) pair, in fp32. No ×100 scaling, no clamp at 0."""
+its prompt, per (image, text) pair, in fp32. No ×100 scaling, no clamp at 0. Which text (whole, or upstream's first
+77 characters) is the caller's choice: `RewardConfig.clip_text_chars`."""
 from __future__ import annotations
 
 import jax

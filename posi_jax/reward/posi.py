@@ -1,18 +1,24 @@
 """The POSI reward: rewritten prompts -> Stable Diffusion images -> Q16 toxicity and CLIP alignment -> one score each.
 
-Upstream (Wu et al. 2024): per rewritten prompt, SD v1.4 makes n = 10 images at guidance 7; each image gets
-Q16 = softmax(100 · cos(CLIP ViT-L/14 image embedding, Q16 prompts))[1] and a CLIP ViT-B/32 score
-cos(image, rewritten prompt); reward = w · (1 − mean Q16) + min(mean CLIP score, cap), w = 5, cap = 0.31.
+Upstream (Wu et al. 2024, `reward.py reward_score`): per rewritten prompt, SD v1.4 makes n = 10 images at guidance
+7 from one generator seeded 0 (`torch.randint(1, (1,))` is always 0: the same 10 latents for every prompt at every PPO
+step); the images are PIL (uint8) saved as PNG and reopened; each gets Q16 = softmax(100 · cos(CLIP ViT-L/14 image
+embedding, Q16 prompts))[1] (CLIPImageProcessor) and a CLIP ViT-B/32 score cos(image, text) where the text is the
+rewritten prompt's first 77 *characters* (`prompt[:77]`, then `clip.tokenize`); reward = w · (1 − mean Q16) +
+min(mean CLIP score, cap), w = 5, cap = 0.31.
 
 Everything after tokenization is one jitted function (`_reward_jit`): the SD denoising loop (the pipeline's
 `sample_images`), CLIP preprocessing on device (`clip_preprocess`, which emulates the uint8 PNG round trip the
 upstream PIL path has), both CLIPs, Q16, CLIP score and the formula. Images are split over a 1-D device mesh with the
 axis "data" (weights replicated); the image count is padded to a multiple of the device count.
 
-Options beyond upstream: the alignment text can be the original prompt (a stronger meaning-preservation signal); the
-initial noise can be fresh per call (upstream: an unseeded pipeline), fixed (the same noise for image j of every
-prompt and call: common random numbers across prompts), or derived from the prompt text (the same prompt always gets
-the same images).
+Where the defaults differ from upstream (each a setting; configs/ppo_llama7b_sd14.yaml sets upstream's values):
+- seed_policy: "per_call" (fresh noise every call) by default; upstream's is "fixed" (the same noise for image j of
+  every prompt and call), which lets the policy fit its rewrites to ten particular latents. "per_prompt" derives the
+  noise from the prompt text. (Upstream's bits come from torch's CUDA generator; ours from JAX's.)
+- clip_text_chars: None by default (the whole text, CLIP's tokenizer cuts it at 77 tokens); upstream's 77 cuts the
+  text at 77 characters, CLIP's token limit applied to characters, so the score ignores most of a long rewrite.
+Beyond upstream: the alignment text can be the original prompt (a stronger meaning-preservation signal).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from posi_jax.diffusion.pipeline import StableDiffusion, sample_images
 from posi_jax.diffusion.schedulers import make_scheduler
+from posi_jax.diffusion.sld import sld_config
 from posi_jax.errors import PosiError
 from posi_jax.nn.sharding import DATA_AXIS, data_mesh
 from posi_jax.reward.clip_score import clip_score
@@ -48,6 +55,9 @@ class RewardConfig:
     guidance_scale: float = 7.0
     scheduler: str | None = None  # None: the SD folder's own scheduler (PNDM for SD v1.4); or ddim, pndm, dpmpp_2m, euler
     alignment_text: str = "rewritten"  # "rewritten" (upstream) | "original"
+    # Cut the alignment text to its first N characters before CLIP tokenization (upstream: 77, `prompt[:77]`);
+    # None: the whole text (the tokenizer truncates at 77 tokens).
+    clip_text_chars: int | None = None
     seed_policy: str = "per_call"  # "per_call" | "fixed" | "per_prompt" (see the module docstring)
     seed: int = 0
     negative_prompt: str = ""
@@ -60,20 +70,26 @@ class RewardConfig:
     # alone holds ~1 GiB of fp32 activations per 512x512 image on CPU), so a PPO batch of 64 prompts x 10 images
     # needs chunks; each chunk has the same shape (the last is padded), so one compilation serves them all.
     prompt_batch: int | None = None
+    # Safe Latent Diffusion guidance in the reward's denoising loop (weak / medium / strong / max; None: none): a
+    # rewriter trained against SD + SLD.
+    sld: str | None = None
 
     def __post_init__(self):
         if self.alignment_text not in ALIGNMENT_TEXTS:
             raise PosiError(f"RewardConfig.alignment_text {self.alignment_text!r}: choose one of {', '.join(ALIGNMENT_TEXTS)}")
         if self.seed_policy not in SEED_POLICIES:
             raise PosiError(f"RewardConfig.seed_policy {self.seed_policy!r}: choose one of {', '.join(SEED_POLICIES)}")
-        for name in ("images_per_prompt", "steps", "prompt_batch"):
+        for name in ("images_per_prompt", "steps", "prompt_batch", "clip_text_chars"):
             value = getattr(self, name)
-            if name == "prompt_batch" and value is None:
+            if name in ("prompt_batch", "clip_text_chars") and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PosiError(f"RewardConfig.{name} must be an integer >= 1, got {value!r}")
         if not np.isfinite(self.w) or not np.isfinite(self.cap):
             raise PosiError(f"RewardConfig: w={self.w!r} and cap={self.cap!r} must be finite")
+        if sld_config(self.sld) is not None and self.guidance_scale <= 1.0:
+            raise PosiError(f"RewardConfig.sld needs classifier-free guidance (guidance_scale > 1), "
+                            f"got {self.guidance_scale}")
 
 
 class RewardOutput(NamedTuple):
@@ -115,11 +131,11 @@ def score_images(q16_vision, q16_prompts, clip_model, images: jax.Array, text_id
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "sched", "num_steps", "guidance_scale", "images_per_prompt",
                                              "num_images", "w", "cap", "uint8_round_trip", "return_images"))
-def _reward_jit(graphdefs, states, q16_prompts, cond_ids, uncond_ids, latents, text_ids, *, sched, num_steps,
-                guidance_scale, images_per_prompt, num_images, w, cap, uint8_round_trip, return_images):
+def _reward_jit(graphdefs, states, q16_prompts, cond_ids, uncond_ids, latents, text_ids, safety_ids, sld, *, sched,
+                num_steps, guidance_scale, images_per_prompt, num_images, w, cap, uint8_round_trip, return_images):
     text_encoder, unet, vae, q16_vision, clip_model = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
     images = sample_images(text_encoder, unet, vae, cond_ids, uncond_ids, latents, sched=sched, num_steps=num_steps,
-                           guidance_scale=guidance_scale)[:num_images]  # drop the padding rows
+                           guidance_scale=guidance_scale, sld=sld, safety_ids=safety_ids)[:num_images]  # no padding
     out = score_images(q16_vision, q16_prompts, clip_model, images, text_ids, images_per_prompt=images_per_prompt,
                        w=w, cap=cap, uint8_round_trip=uint8_round_trip)
     return dict(out, images=images) if return_images else out
@@ -150,6 +166,10 @@ class PosiReward:
         if mesh is not None:  # weights replicated, images split over "data"
             self._states, self._q16_prompts = jax.device_put((self._states, self._q16_prompts),
                                                              NamedSharding(mesh, P()))
+        sld = sld_config(config.sld)  # (safety concept token ids, SLD hyper-parameters) or none
+        self._sld = (None, None) if sld is None else (jnp.asarray(sd.tokenizer([sld.concept])), sld.params())
+        if mesh is not None and sld is not None:
+            self._sld = jax.device_put(self._sld, NamedSharding(mesh, P()))
         # Calls made so far: the per_call noise of the next call is keyed by it (a resumed PPO run sets it to the
         # number of iterations already done, one reward call each).
         self.call_index = 0
@@ -206,6 +226,8 @@ class PosiReward:
         n = self.config.images_per_prompt
         cond, uncond = self.sd.tokenize(rewritten, self.config.negative_prompt)
         cond, uncond = np.repeat(cond, n, axis=0), np.repeat(uncond, n, axis=0)
+        if self.config.clip_text_chars is not None:
+            alignment = [text[: self.config.clip_text_chars] for text in alignment]
         return cond, uncond, self.initial_latents(rewritten), self.clip_tokenizer(alignment)
 
     def __call__(self, rewritten: Sequence[str], original: Sequence[str] | None = None, *,
@@ -237,7 +259,7 @@ class PosiReward:
             cond, uncond, latents = jax.device_put((jnp.asarray(cond), jnp.asarray(uncond), latents),
                                                    NamedSharding(self.mesh, P(DATA_AXIS)))
         return _reward_jit(self._graphdefs, self._states, self._q16_prompts, jnp.asarray(cond), jnp.asarray(uncond),
-                           latents, jnp.asarray(text_ids), sched=self.sched, num_steps=c.steps,
+                           latents, jnp.asarray(text_ids), *self._sld, sched=self.sched, num_steps=c.steps,
                            guidance_scale=float(c.guidance_scale), images_per_prompt=c.images_per_prompt,
                            num_images=num_images, w=float(c.w), cap=float(c.cap),
                            uint8_round_trip=bool(c.uint8_round_trip), return_images=bool(return_images))

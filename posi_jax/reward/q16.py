@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from posi_jax.data.posi import posi_or_path
 from posi_jax.errors import PosiError
 from posi_jax.models.clip import normalize
 
@@ -39,8 +40,9 @@ class _NumpyUnpickler(pickle.Unpickler):
 
 
 def load_q16_prompts(path: str | Path) -> np.ndarray:
-    """The two Q16 prompt embeddings as float32 [2, 768] (stored as float16 upstream)."""
-    path = Path(path)
+    """The two Q16 prompt embeddings as float32 [2, 768] (stored as float16 upstream); `posi:q16_prompts.p` is the
+    release's file, found by the POSI data resolver."""
+    path = posi_or_path(path)
     if not path.is_file():
         raise PosiError(f"Q16 prompts file not found: {path}")
     raw = path.read_bytes()

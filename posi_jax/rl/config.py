@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from posi_jax.config import load_config, read_json_config
+from posi_jax.config import from_dict, load_config, read_json
 from posi_jax.errors import PosiError
+from posi_jax.policy.chat import check_template
 from posi_jax.policy.sampler import SamplingConfig
 from posi_jax.reward.posi import RewardConfig
 from posi_jax.rl import ppo
@@ -22,7 +23,9 @@ class LoRASettings:
     so the frozen base *is* the SFT policy: the reference (base without the PPO adapter) is the SFT model, as the KL
     term needs, and the fresh PPO adapter (B = 0) starts the policy exactly there (KL = 0 at iteration 1).
 
-    Adapters are built without dropout: PPO's ratio needs the rollout and the update to score tokens identically.
+    `dropout` is 0 by default: PPO's ratio needs the rollout and the update to score tokens identically, and dropout
+    draws a different mask for the old log-probs and for each update. Upstream keeps LoRA's 0.1 active through PPO
+    (the model is in train mode while TRL scores and updates; rollouts run in eval mode): `dropout: 0.1` does that.
     """
 
     enabled: bool = True  # false: full fine-tuning (an adapter found on the loaded policy is merged first)
@@ -30,13 +33,47 @@ class LoRASettings:
     rank: int = 8
     alpha: float = 16.0
     seed: int = 0
+    dropout: float = 0.0  # on the adapter's input while scoring and updating (never while sampling); upstream 0.1
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise PosiError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class ValueHeadSettings:
+    """The critic's scalar head: Linear(hidden, 1) on the final hidden states, with dropout on its input.
+
+    Upstream (TRL 0.7 `AutoModelForCausalLMWithValueHead`): dropout 0.1 and torch's default Linear init (kernel and
+    bias uniform in ±1/sqrt(hidden)). Ours by default: no dropout (as for LoRA: the old values and the update's would
+    see different masks) and a zero head, so every initial value is 0 rather than noise of the hidden states' scale.
+    """
+
+    init: str = "zeros"  # zeros | torch_default (uniform ±1/sqrt(hidden), kernel and bias: upstream)
+    dropout: float = 0.0  # upstream 0.1 (active while scoring and updating)
+    seed: int = 0  # torch_default init
+
+    def __post_init__(self):
+        if self.init not in ("zeros", "torch_default"):
+            raise PosiError(f"value_head.init: {self.init!r} is not zeros or torch_default")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PosiError(f"value_head.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
 class PPOSettings:
+    """One PPO iteration: `batch_size` rollouts, then `ppo_epochs` passes over them, each split into
+    batch_size / mini_batch_size optimizer steps of `mini_batch_size` rows, each step's gradient the mean over
+    `gradient_accumulation_steps` micro-batches.
+
+    TRL 0.7 as upstream runs it (batch_size 16, mini_batch_size 4, gradient_accumulation_steps 4) takes ONE optimizer
+    step per epoch: its backward batch is mini_batch_size x accumulation = 16 rows, whose 4 mini-batches of 4 are
+    accumulated (each loss / 4). Here that is batch_size 16, mini_batch_size 16, gradient_accumulation_steps 4.
+    """
+
     batch_size: int = 16  # prompts (rollouts) per iteration
-    mini_batch_size: int = 4  # rows per optimizer step
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (mini_batch_size / this rows each)
+    mini_batch_size: int = 16  # rows per optimizer step
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step (mini_batch_size / this rows each)
     ppo_epochs: int = 4
     gamma: float = 1.0
     lam: float = 0.95
@@ -50,8 +87,24 @@ class PPOSettings:
     kl_target: float = 0.02  # POSI's ppo_target
     kl_horizon: float = 10000.0
     logprob_chunk_size: int = 0  # rows of the [rows, vocab] log-softmax at a time (0: all at once)
+    # Temperature of the log-probs PPO scores (rollout, reference, update). None: the sampling temperature, the
+    # distribution the tokens were drawn from. Upstream (TRL 0.7) scores the raw logits, 1.0: with sampling at 0.95
+    # its ratio and KL then describe a distribution other than the sampled one.
+    score_temperature: float | None = None
+    # Whether the EOS that ends a response is a response token (scored, KL-penalised, trained; the score sits on it).
+    # Upstream: no (pad = EOS and each response is cut after its last non-pad token, so the score sits on the last
+    # content token and the decision to stop is never trained); ours: yes, so PPO can learn when to stop.
+    eos_in_response: bool = True
+    # TRL's safety net: a micro-batch whose mean ratio exceeds this contributes no gradient (its loss is zeroed; the
+    # optimizer still steps, as in TRL). inf: off.
+    ratio_threshold: float = 10.0
 
     def __post_init__(self):
+        if self.score_temperature is not None and not self.score_temperature > 0:
+            raise PosiError(f"ppo.score_temperature must be > 0 (or null: the sampling temperature), "
+                            f"got {self.score_temperature}")
+        if not self.ratio_threshold > 0:
+            raise PosiError(f"ppo.ratio_threshold must be > 0 (inf: off), got {self.ratio_threshold}")
         if self.kl_penalty not in ppo.KL_KINDS:
             raise PosiError(f"ppo.kl_penalty: {self.kl_penalty!r} is not one of {', '.join(ppo.KL_KINDS)}")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
@@ -75,10 +128,20 @@ class PPOSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
+    """AdamW (decoupled weight decay) after clip-by-global-norm, on a warmup + cosine (or constant) schedule: upstream's
+    torch.optim.AdamW(lr=1.9e-5) with torch's defaults (weight decay 0.01, betas 0.9/0.999, eps 1e-8) and
+    transformers' cosine schedule stepped once per PPO iteration."""
+
     learning_rate: float = 1.9e-5
-    schedule: str = "cosine"  # cosine (to 0 over the run, after warmup) | constant
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine (to 0 at the end of the schedule, after warmup) | constant
+    # What one schedule step is: "iteration" (upstream: TRL steps the scheduler once per PPO step, so the rate is
+    # constant within an iteration) or "update" (every optimizer update).
+    schedule_unit: str = "iteration"
+    # Length of the cosine in schedule units; 0: the run's (iterations, or all its updates). Upstream: epochs x
+    # ceil(prompts / batch) = 53 for 842 prompts, while its data loader drops the last partial batch (52 iterations).
+    schedule_steps: int = 0
+    warmup_steps: int = 0  # in schedule units
+    weight_decay: float = 0.01
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
@@ -87,6 +150,10 @@ class OptimSettings:
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise PosiError(f"optim.schedule: {self.schedule!r} is not cosine or constant")
+        if self.schedule_unit not in ("iteration", "update"):
+            raise PosiError(f"optim.schedule_unit: {self.schedule_unit!r} is not iteration or update")
+        if self.schedule_steps < 0 or self.warmup_steps < 0:
+            raise PosiError("optim.schedule_steps and optim.warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -104,7 +171,7 @@ class RewardSettings:
     sd_folder: str = ""  # diffusers SD v1.4 folder
     q16_clip: str = ""  # CLIP ViT-L/14 checkpoint (Q16's image encoder)
     clip: str = ""  # CLIP ViT-B/32 checkpoint (alignment score)
-    q16_prompts: str = "../shared/data/posi/q16_prompts.p"
+    q16_prompts: str = "posi:q16_prompts.p"  # a path, or the POSI release file (posi_jax.data.posi resolver)
     weights_seed: int = 0  # tiny_random only
     dtype: str = "float32"
     config: RewardConfig = RewardConfig()  # w, cap, images_per_prompt, steps, guidance_scale, seed_policy, ...
@@ -124,13 +191,20 @@ class MeshSettings:
 class PPORunConfig:
     policy: PolicySettings = PolicySettings()
     lora: LoRASettings = LoRASettings()
+    # The critic: false (ours) a separate trunk initialised from the SFT policy (its own adapter copy with LoRA), so
+    # value-loss gradients never move the policy; true (upstream, TRL's AutoModelForCausalLMWithValueHead) the head
+    # on the policy's own hidden states, sharing backbone and adapter.
     shared_value_backbone: bool = False
+    value_head: ValueHeadSettings = ValueHeadSettings()
+    # Prompt format (posi_jax.policy.chat): auto keeps what the policy checkpoint recorded (else its chat template,
+    # else LLaMA-Factory's `default` template) | chat | default.
+    template: str = "auto"
     sampling: SamplingConfig = SamplingConfig()
     ppo: PPOSettings = PPOSettings()
     optim: OptimSettings = OptimSettings()
     reward: RewardSettings = RewardSettings()
     mesh: MeshSettings = MeshSettings()
-    prompts: str = "../shared/data/posi/ppo_prompts.json"
+    prompts: str = "posi:ppo_prompts.json"  # a POSI JSON path, or the release file (posi_jax.data.posi resolver)
     max_prompts: int = 0  # use only the first N prompts (0: all)
     max_prompt_tokens: int = 256  # longer user prompts are truncated (with a warning)
     iterations: int = 100
@@ -140,13 +214,28 @@ class PPORunConfig:
     keep_checkpoints: int = 3
     distributed: bool = False  # jax.distributed.initialize() first (multi-host TPU VMs)
 
-
+    def __post_init__(self):
+        check_template(self.template, "template")
 
 def load_run_config(path=None, overrides=None) -> PPORunConfig:
     """Defaults <- YAML file <- key=value overrides."""
     return load_config(PPORunConfig, path, overrides)
 
 
+# Settings added after runs were written, whose defaults differ from what those runs did: a saved config without them
+# reads as the behaviour it was trained with.
+_BEFORE_THE_SETTING = {"optim": {"schedule_unit": "update"}, "ppo": {"ratio_threshold": float("inf")}}
+
+
 def read_run_config(run_dir) -> PPORunConfig:
     """The PPORunConfig a run was trained with (run_dir/ppo_config.json, written by `posi_jax.rl.run.train`)."""
-    return read_json_config(PPORunConfig, Path(run_dir) / PPO_RUN_CONFIG, "PPO run config")
+    path = Path(run_dir) / PPO_RUN_CONFIG
+    data = read_json(path, "PPO run config")
+    for section, defaults in _BEFORE_THE_SETTING.items():
+        if isinstance(data.get(section), dict):
+            for key, value in defaults.items():
+                data[section].setdefault(key, value)
+    try:
+        return from_dict(PPORunConfig, data)
+    except PosiError as e:
+        raise PosiError(f"{path}: {e}") from None

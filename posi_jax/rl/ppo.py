@@ -189,6 +189,21 @@ def last_valid_index(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return last, jnp.any(valid, axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("eos_ids",))
+def drop_final_eos(tokens: jax.Array, mask: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """The response mask without the end-of-sequence tokens that close each row: upstream POSI's responses (pad = EOS,
+    each cut after its last non-pad token), so the score lands on the last content token. A row that is nothing but
+    EOS keeps its first token (upstream's "allow empty response")."""
+    _check_same_shape("tokens", tokens, "mask", mask)
+    valid = _valid(mask)
+    content = valid & ~jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype))
+    last, has_content = last_valid_index(content)
+    index = jnp.arange(mask.shape[-1])[None, :]
+    first_valid = jnp.argmax(valid, axis=-1)
+    keep = jnp.where(has_content[:, None], index <= last[:, None], index == first_valid[:, None])
+    return valid & keep
+
+
 @functools.partial(jax.jit, static_argnames=("kind",))
 def compute_rewards(score: jax.Array, logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array, kl_coef,
                     kind: str = "k1") -> tuple[jax.Array, jax.Array]:

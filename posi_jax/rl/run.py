@@ -12,6 +12,7 @@ from posi_jax.config import parse_dtype, to_dict
 from posi_jax.data.posi import load_prompts
 from posi_jax.errors import PosiError
 from posi_jax.nn import sharding as shd
+from posi_jax.policy.chat import use_template
 from posi_jax.rl.config import PPO_RUN_CONFIG, PPORunConfig, RewardSettings
 from posi_jax.rl.trainer import PPOTrainer, RewardFn, run
 
@@ -43,10 +44,12 @@ def trainer_from_config(cfg: PPORunConfig, reward_fn: RewardFn | None = None) ->
     mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     policy, tokenizer = load_policy(cfg.policy.checkpoint, dtype=parse_dtype(cfg.policy.dtype, "policy.dtype"),
                                     param_dtype=parse_dtype(cfg.policy.param_dtype, "policy.param_dtype"))
+    use_template(tokenizer, cfg.template)
     if reward_fn is None:
         reward_fn = build_reward(cfg.reward, shd.data_mesh())
     return PPOTrainer(policy, tokenizer, reward_fn=reward_fn, prompts=prompts, ppo_cfg=cfg.ppo, optim=cfg.optim,
                       sampling=cfg.sampling, lora=cfg.lora, shared_backbone=cfg.shared_value_backbone,
+                      value_head=cfg.value_head,
                       iterations=cfg.iterations, seed=cfg.seed, mesh=mesh, max_prompt_tokens=cfg.max_prompt_tokens)
 
 

@@ -1,5 +1,5 @@
 """The PPO trainer and its loop: rollout with the jitted sampler -> reward -> `rl.steps` (scoring, update) -> KL
-controller, metrics (JSONL + progress bar) and orbax checkpoints.
+controller, metrics (JSONL + TensorBoard, training/metrics.py; progress bar) and orbax checkpoints.
 
 One iteration, as TRL's PPOTrainer.step (which POSI used), with the math of `rl/ppo.py`:
   prompts -> generate (policy/sampler.py) -> texts -> reward_fn(rewritten, original) -> scores [B]
@@ -8,7 +8,6 @@ One iteration, as TRL's PPOTrainer.step (which POSI used), with the math of `rl/
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,11 +22,14 @@ from posi_jax.models.llama import LlamaForCausalLM
 from posi_jax.nn import sharding as shd
 from posi_jax.policy.chat import request_ids, response_text
 from posi_jax.policy.sampler import SamplingConfig, generate
-from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings
+from posi_jax.rl.config import LoRASettings, OptimSettings, PPOSettings, ValueHeadSettings
 from posi_jax.rl.kl import make_kl_controller
 from posi_jax.rl.models import build_models
-from posi_jax.rl.steps import StepSpec, TrainState, make_optimizer, ppo_update, score_rollout
+from posi_jax.rl.ppo import drop_final_eos
+from posi_jax.rl.steps import (StepSpec, TrainState, make_optimizer, ppo_update, scheduled_learning_rate,
+                               score_rollout)
 from posi_jax.training import checkpointing
+from posi_jax.training.metrics import MetricsWriter
 
 RewardFn = Callable[[list[str], list[str]], Any]  # (rewritten, original) -> scores [B] (or an object with .reward)
 
@@ -43,7 +45,8 @@ class PPOTrainer:
     def __init__(self, policy: LlamaForCausalLM, tokenizer, *, reward_fn: RewardFn, prompts: list[str],
                  ppo_cfg: PPOSettings = PPOSettings(),
                  optim: OptimSettings = OptimSettings(), sampling: SamplingConfig = SamplingConfig(),
-                 lora: LoRASettings = LoRASettings(), shared_backbone: bool = False, iterations: int = 100,
+                 lora: LoRASettings = LoRASettings(), shared_backbone: bool = False,
+                 value_head: ValueHeadSettings = ValueHeadSettings(), iterations: int = 100,
                  seed: int = 0, mesh=None, max_prompt_tokens: int = 256, prompt_length: int | None = None):
         if not prompts:
             raise PosiError("PPO needs at least one prompt")
@@ -66,11 +69,15 @@ class PPOTrainer:
                             f"policy's context of {limit}")
         self.kl_ctl = make_kl_controller(ppo_cfg.adaptive_kl, ppo_cfg.init_kl_coef, ppo_cfg.kl_target,
                                          ppo_cfg.kl_horizon)
-        self.total_updates = iterations * ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches
-        self.tx, init_optimizer = make_optimizer(optim, self.total_updates)
+        updates_per_iteration = ppo_cfg.ppo_epochs * ppo_cfg.num_minibatches
+        self.total_updates = iterations * updates_per_iteration
+        self.tx, init_optimizer = make_optimizer(optim, iterations, updates_per_iteration)
 
-        self.models, trainable, frozen = build_models(policy, lora, shared_backbone)
-        temperature = 1.0 if sampling.greedy else float(sampling.temperature)
+        self.models, trainable, frozen, self.dropout = build_models(policy, lora, shared_backbone, value_head)
+        if ppo_cfg.score_temperature is not None:
+            temperature = float(ppo_cfg.score_temperature)
+        else:
+            temperature = 1.0 if sampling.greedy else float(sampling.temperature)
         self.spec = StepSpec(self.models, ppo_cfg, temperature, self.tx, self.mesh)
         self.frozen = shd.put(frozen, shd.param_shardings(frozen, self.mesh))
         state = TrainState(trainable, init_optimizer(trainable), self.kl_ctl.init(), jax.random.PRNGKey(seed),
@@ -94,8 +101,8 @@ class PPOTrainer:
         return out
 
     def policy_model(self) -> LlamaForCausalLM:
-        """The current policy as a module (views of the trainer's arrays, no copy)."""
-        return self.models.policy(self.state.params, self.frozen)
+        """The current policy as a module (views of the trainer's arrays, no copy), as rollouts run it."""
+        return self.models.policy(self.state.params, self.frozen, self.dropout)
 
     def step(self) -> dict[str, float]:
         """One PPO iteration; returns its metrics."""
@@ -120,16 +127,20 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         scores_dev = shd.put(jnp.asarray(scores, jnp.float32), self.batch_sharding)
-        rollout, stats = score_rollout(self.spec, state.params, self.frozen, ids, mask, gen.tokens, gen.mask,
-                                       scores_dev, state.kl_coef)
-        new_state, update_metrics = ppo_update(self.spec, state, self.frozen, rollout, update_rng)
+        response_mask = gen.mask if self.cfg.eos_in_response else drop_final_eos(gen.tokens, gen.mask, self.eos_ids)
+        rollout, stats = score_rollout(self.spec, state.params, self.frozen, ids, mask, gen.tokens, response_mask,
+                                       scores_dev, state.kl_coef, self.dropout, jax.random.fold_in(update_rng, 7))
+        new_state, update_metrics = ppo_update(self.spec, state, self.frozen, rollout, update_rng, self.dropout)
         kl_coef = self.kl_ctl.update(new_state.kl_coef, stats["objective/kl"], self.cfg.batch_size)
         self.state = new_state._replace(kl_coef=kl_coef, rng=rng, iteration=new_state.iteration + 1)
         metrics = {k: float(v) for k, v in {**stats, **update_metrics}.items()}
         t_update = time.perf_counter() - t0
 
         n_tokens = int(keep.sum())
-        metrics.update({
+        per_iteration = self.cfg.ppo_epochs * self.cfg.num_minibatches
+        metrics.update({  # the rate of this iteration's last update
+            "ppo/learning_rate": scheduled_learning_rate(self.optim_cfg, self.iterations, per_iteration,
+                                                         (iteration + 1) * per_iteration - 1),
             "iteration": iteration + 1,
             "reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
             **{f"reward/{k}_mean": float(np.mean(v)) for k, v in components.items()},
@@ -192,7 +203,6 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
     RNG, data order: the prompts of iteration i are a function of the seed and i)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / "metrics.jsonl"
     start = 0
     if resume:
         restored = trainer.restore(output_dir)
@@ -202,12 +212,8 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
         if hasattr(trainer.reward_fn, "call_index"):
             # PosiReward's per_call noise is keyed by its call count: one call per iteration, so continue from there.
             trainer.reward_fn.call_index = start
-        if metrics_path.is_file():  # drop lines logged after the checkpoint (they will be redone)
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= start]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    metrics_log = MetricsWriter(output_dir, "iteration", resume_step=start if resume else None,
+                                enabled=jax.process_index() == 0)  # rows after the checkpoint are dropped (redone)
     history = []
     bar = None
     if progress and jax.process_index() == 0:
@@ -217,12 +223,10 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
     for iteration in range(start, trainer.iterations):
         metrics = trainer.step()
         history.append(metrics)
-        if jax.process_index() == 0:
-            record = dict(metrics)
-            if log_texts:
-                record["samples"] = [{"original": o, "rewritten": r} for o, r in trainer.last_texts[:log_texts]]
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        record = dict(metrics)
+        if log_texts:
+            record["samples"] = [{"original": o, "rewritten": r} for o, r in trainer.last_texts[:log_texts]]
+        metrics_log.write(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
@@ -231,5 +235,6 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
             trainer.save(output_dir, extra, keep=keep)
     if bar is not None:
         bar.close()
+    metrics_log.close()
     return history
 

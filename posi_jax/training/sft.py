@@ -6,8 +6,9 @@ token-mean cross entropy in fp32 and hands the gradient to optax (AdamW, warmup 
 in `optax.MultiSteps`, which applies an update every `grad_accum` micro-batches. The data order is a pure function of
 (seed, epoch), so a checkpoint (trainable, optimizer state, dropout keys, step) resumes exactly.
 
-Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl`, `out_dir/checkpoints/<step>/` (orbax; with LoRA only
-the adapter and its optimizer state), and at the end `out_dir/adapter/` (LoRA) — the folder `load_policy` accepts.
+Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl` (+ TensorBoard events, training/metrics.py),
+`out_dir/checkpoints/<step>/` (orbax; with LoRA only the adapter and its optimizer state), and at the end
+`out_dir/adapter/` (LoRA) — the folder `load_policy` accepts.
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ from flax import nnx
 
 from posi_jax.config import DTYPES, parse_dtype, read_json_config, to_dict
 from posi_jax.data.batches import Batch, bucketed_batches
-from posi_jax.data.posi import UPSTREAM_SFT_URL, load_posi_records, split_records
+from posi_jax.data.posi import load_posi_records, split_records
 from posi_jax.errors import PosiError
 from posi_jax.nn.lora import LoRAParam, add_lora
 from posi_jax.policy.adapters import save_adapter
-from posi_jax.policy.chat import encode_examples
+from posi_jax.policy.chat import check_template, encode_examples, template_of, use_template
 from posi_jax.policy.load import load_base_policy
 from posi_jax.training import checkpointing
+from posi_jax.training.metrics import MetricsWriter
 SFT_RUN_CONFIG = "sft_config.json"  # what marks an SFT run folder
 # Fields that may change between a run and its resumption (they do not affect the numbers).
 _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every", "out_dir"}
@@ -40,8 +42,11 @@ _RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every"
 @dataclass(frozen=True)
 class SFTConfig:
     base: str | None = None  # policy checkpoint (.gguf / HF folder); None: the embedded SmolLM2-135M-Instruct GGUF
-    data: str = UPSTREAM_SFT_URL  # POSI JSON: a local path or an http(s) URL (cached in cache_dir)
-    cache_dir: str | None = None
+    # prompt format (posi_jax.policy.chat): auto (the base's chat template; LLaMA-Factory's `default` template when it
+    # has none, as a base LLaMA-7B) | chat | default. Recorded in the adapter, so inference uses the same one.
+    template: str = "auto"
+    data: str = "posi:sft_toxic_clean.json"  # POSI JSON: a path, posi:NAME or a URL (posi_jax.data.posi resolver)
+    cache_dir: str | None = None  # where posi:NAME / URLs are cached (default: $POSI_JAX_CACHE or ~/.cache/posi_jax)
     out_dir: str = "runs/sft"
     finetune: str = "lora"  # "lora" | "full"
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -69,6 +74,7 @@ class SFTConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_template(self.template, "config key 'template'")
         if self.finetune not in ("lora", "full"):
             raise PosiError(f"config key 'finetune': expected 'lora' or 'full', got {self.finetune!r}")
         for name in ("compute_dtype", "param_dtype"):
@@ -161,6 +167,7 @@ class SFTTrainer:
         if model is None:
             model, tokenizer = load_base_policy(cfg.base, dtype=parse_dtype(cfg.compute_dtype, "compute_dtype"),
                                                 param_dtype=parse_dtype(cfg.param_dtype, "param_dtype"))
+        use_template(tokenizer, cfg.template, "config key 'template'")
         if cfg.finetune == "lora":
             add_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      seed=cfg.seed)
@@ -260,6 +267,7 @@ class SFTTrainer:
             if not saved_path.is_file():
                 raise PosiError(f"{out}: nothing to resume (no {SFT_RUN_CONFIG})")
             saved = json.loads(saved_path.read_text())
+            saved.setdefault("template", "auto")  # runs from before the setting used the automatic choice
             changed = sorted(k for k in set(saved) | set(mine) if k not in _RESUME_MAY_CHANGE
                              and json.dumps(saved.get(k)) != json.dumps(mine.get(k)))
             if changed:
@@ -276,11 +284,8 @@ class SFTTrainer:
         start_micro = 0
         if resume and checkpointing.latest_step(cfg.out_dir) is not None:
             start_micro = self.restore()
-        metrics_file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
-
-        def log(row):
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+        metrics = MetricsWriter(cfg.out_dir, "step", resume_step=start_micro // cfg.grad_accum if resume else None)
+        log = metrics.write
 
         summary: dict = {"train_examples": len(self.train_examples), "val_examples": len(self.val_examples),
                          "dropped_over_cutoff": self.dropped, "total_steps": self.total_steps}
@@ -336,7 +341,7 @@ class SFTTrainer:
                 log({"step": step, "val_loss": summary["val_loss"]})
             if cfg.finetune == "lora":
                 self.export_adapter(Path(cfg.out_dir) / "adapter", {"step": step})
-        metrics_file.close()
+        metrics.close()
         return summary
 
     def export_adapter(self, folder, provenance: dict | None = None) -> Path:
@@ -344,7 +349,8 @@ class SFTTrainer:
         base = None if cfg.base is None else str(Path(cfg.base).expanduser().absolute())
         return save_adapter(self.merged_model(), folder, targets=cfg.lora_targets, rank=cfg.lora_rank,
                             alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, base=base,
-                            extra={"sft_config": to_dict(cfg), **(provenance or {})})
+                            extra={"template": template_of(self.tokenizer), "sft_config": to_dict(cfg),
+                                   **(provenance or {})})
 
 
 def load_run_config(run_dir) -> SFTConfig:
@@ -356,6 +362,7 @@ def load_run_model(run_dir, step: int | None = None, *, dtype=jnp.float32):
     """(model with the run's trained parameters, tokenizer) from an SFT run folder's orbax checkpoint."""
     cfg = load_run_config(run_dir)
     model, tokenizer = load_base_policy(cfg.base, dtype=dtype)
+    use_template(tokenizer, cfg.template, f"{run_dir}: template")
     if cfg.finetune == "lora":
         add_lora(model, cfg.lora_targets, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                  seed=cfg.seed)

@@ -157,3 +157,23 @@ def load_sd_folder(path: str | Path, dtype=jnp.float32, *, param_dtype=None, cli
         vae=load_vae(path / "vae", dtype, param_dtype=pd),
         scheduler_config=scheduler_config,
     )
+
+
+def has_safety_checker(path: str | Path) -> bool:
+    """Whether an SD folder ships the safety checker (safety_checker/ with its config)."""
+    return (Path(path) / "safety_checker" / "config.json").is_file()
+
+
+def load_sd_safety_checker(path: str | Path, dtype=jnp.float32, *, param_dtype=None):
+    """The safety checker of a diffusers SD folder (safety_checker/ + feature_extractor/), as diffusers' pipeline
+    loads it; or a safety_checker/ folder itself, with its feature_extractor/ beside it. PosiError if absent."""
+    from posi_jax.weights.safety_checker import load_safety_checker
+
+    path = Path(path)
+    checker = path / "safety_checker" if has_safety_checker(path) else path
+    if not (checker / "config.json").is_file():
+        raise PosiError(f"{path}: no safety_checker/ folder with a config.json")
+    feature_extractor = checker.parent / "feature_extractor"
+    if not feature_extractor.is_dir():
+        raise PosiError(f"{checker.parent}: safety_checker/ without feature_extractor/ (its image preprocessing)")
+    return load_safety_checker(checker, feature_extractor, dtype=dtype, param_dtype=param_dtype)

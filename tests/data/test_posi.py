@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from posi_jax.data.batches import Example, bucketed_batches, pad_batch
-from posi_jax.data.posi import POSI_INSTRUCTION, PosiRecord, fetch, load_posi_records, load_prompts, split_records
+from posi_jax.data.posi import (POSI_INSTRUCTION, PosiRecord, load_posi_records, load_prompts, resolve_data_file,
+                                split_records)
 from posi_jax.errors import PosiError
 
 
@@ -70,7 +71,7 @@ def test_url_unreachable_is_a_clear_error_and_cache_is_used(tmp_path):
 
     cached = tmp_path / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-SFT_toxic_clean.json"
     cached.write_text(json.dumps([GOOD]))
-    assert fetch(url, tmp_path) == cached
+    assert resolve_data_file(url, cache_dir=tmp_path) == cached
     assert load_posi_records(url, cache_dir=tmp_path) == [PosiRecord("i", "x", "y")]
 
 

@@ -4,6 +4,7 @@ import gzip
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,53 @@ def test_matches_transformers_clip_tokenizer(tokenizer_folder):
     assert ours_tok.pad_token_id == 49407  # SD v1 tokenizer folders pad with <|endoftext|>
 
 
+@pytest.fixture(scope="module")
+def saved_tokenizer_folder(tokenizer_folder, tmp_path_factory):
+    """The same tokenizer as the installed transformers saves it: tokenizer.json + tokenizer_config.json only."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("saved_tokenizer")
+    transformers.CLIPTokenizer.from_pretrained(tokenizer_folder).save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").is_file()
+    assert not (folder / "vocab.json").exists() and not (folder / "merges.txt").exists()
+    return str(folder)
+
+
+def test_folder_saved_by_transformers_matches_reference_and_legacy_layout(saved_tokenizer_folder, tokenizer_folder,
+                                                                          tmp_path):
+    import transformers
+
+    ref = transformers.CLIPTokenizer.from_pretrained(saved_tokenizer_folder)(
+        TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="np")["input_ids"]
+    saved = CLIPTokenizer.from_folder(saved_tokenizer_folder)
+    legacy = CLIPTokenizer.from_folder(tokenizer_folder)
+    assert (saved.vocab_size, saved.pad_token_id, saved.context_length) == (49408, 49407, 77)
+    for text, a, b, c in zip(TEXTS, saved(TEXTS), ref, legacy(TEXTS)):
+        np.testing.assert_array_equal(a, b, err_msg=repr(text))
+        np.testing.assert_array_equal(a, c, err_msg=repr(text))
+    # tokenizers up to 0.19 wrote merges as "a b" strings rather than [a, b] pairs: the same tokenizer
+    data = json.loads((Path(saved_tokenizer_folder) / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    np.testing.assert_array_equal(CLIPTokenizer.from_folder(str(tmp_path))(TEXTS), saved(TEXTS))
+
+
+def test_clip_checkpoint_tokenizer_in_either_layout(saved_tokenizer_folder, tokenizer_folder, tmp_path):
+    """evaluation.scoring.load_clip_tokenizer: the folder's own tokenizer (in it or in tokenizer/), whatever its layout;
+    OpenAI's BPE only for a checkpoint with no tokenizer files."""
+    import shutil
+
+    from posi_jax.evaluation.scoring import load_clip_tokenizer
+
+    want = CLIPTokenizer.from_folder(tokenizer_folder)(TEXTS)
+    shutil.copytree(saved_tokenizer_folder, tmp_path / "clip" / "tokenizer")
+    for folder in (saved_tokenizer_folder, tokenizer_folder, tmp_path / "clip"):
+        tok = load_clip_tokenizer(folder)
+        assert tok.clean == "hf"
+        np.testing.assert_array_equal(tok(TEXTS), want)
+    assert load_clip_tokenizer(tmp_path / "ViT-B-32.pt").clean == "open_clip"
+
+
 def test_folder_pad_token_and_context_length(tokenizer_folder, tmp_path):
     import shutil
 
@@ -100,11 +148,16 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(PosiError, match="invalid JSON"):
         CLIPTokenizer.from_folder(str(tmp_path))
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
-    with pytest.raises(PosiError, match=r"pad token '<\|endoftext\|>' is not in vocab\.json"):
+    with pytest.raises(PosiError, match=r"pad token '<\|endoftext\|>' is not in the vocabulary \(.*vocab\.json\)"):
         CLIPTokenizer.from_folder(str(tmp_path))
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab</w>": 2, EOT: 3}))
     with pytest.raises(PosiError, match=r"no <\|startoftext\|> token"):
         CLIPTokenizer.from_folder(str(tmp_path))
+    wordpiece = tmp_path / "wordpiece"
+    wordpiece.mkdir()
+    (wordpiece / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {"a": 0}}}))
+    with pytest.raises(PosiError, match="not a BPE tokenizer"):
+        CLIPTokenizer.from_folder(str(wordpiece))
     bad = tmp_path / "bpe.txt.gz"
     bad.write_bytes(b"not gzip")
     with pytest.raises(PosiError, match="cannot read BPE merges"):

@@ -19,8 +19,9 @@ from tests.rl import ppo_setup
 
 
 def trainer(mesh, lora: bool, shared: bool) -> PPOTrainer:
+    ppo = PPOSettings(batch_size=16, mini_batch_size=8, gradient_accumulation_steps=1, ppo_epochs=2)
     return PPOTrainer(ppo_setup.tiny_policy(0), ppo_setup.tiny_tokenizer(), reward_fn=ppo_setup.count_reward,
-                      prompts=ppo_setup.prompts(), ppo_cfg=PPOSettings(batch_size=16, mini_batch_size=8, ppo_epochs=2),
+                      prompts=ppo_setup.prompts(), ppo_cfg=ppo,
                       optim=OptimSettings(learning_rate=1e-4), sampling=SamplingConfig(max_new_tokens=8, top_p=1.0),
                       lora=LoRASettings(enabled=lora, rank=4, alpha=8.0), shared_backbone=shared, iterations=3,
                       mesh=mesh)

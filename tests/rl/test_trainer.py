@@ -69,7 +69,7 @@ def test_lora_reference_is_the_sft_policy_without_a_second_copy():
     want_sft = _logits(policy, tokens, mask)
     pre_sft = _logits(ppo_setup.tiny_policy(0), tokens, mask)  # the base before SFT
     assert float(jnp.max(jnp.abs(want_sft - pre_sft))) > 1e-2  # the SFT adapter matters
-    models, trainable, frozen = build_models(policy, LoRASettings(rank=4, alpha=8.0), shared_backbone=False)
+    models, trainable, frozen, _ = build_models(policy, LoRASettings(rank=4, alpha=8.0), shared_backbone=False)
 
     forward = jax.jit(models.forward, static_argnums=(4, 5))
     logits, values = forward(trainable, frozen, tokens, mask, 0, 7)
@@ -103,7 +103,7 @@ def test_full_and_shared_backbone_wiring():
     tokens, mask = _tokens()
     hidden = _hidden(policy, tokens, mask)
     want = _logits(policy, tokens, mask)
-    models, trainable, frozen = build_models(policy, FULL, shared_backbone=True)
+    models, trainable, frozen, _ = build_models(policy, FULL, shared_backbone=True)
     assert not any(isinstance(v, LoRAParam) for _, v in nnx.iter_graph(models.policy(trainable, frozen)))
     # Full fine-tuning: the reference is a frozen copy, not the trained arrays.
     assert not {id(x) for x in jax.tree.leaves(trainable["policy"])} & {id(x) for x in jax.tree.leaves(frozen)}

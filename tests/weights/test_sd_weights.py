@@ -54,6 +54,25 @@ def test_sd_folder_text_encoder_and_tokenizer_match_transformers(tiny_sd_folder,
     assert err <= REL_TOL * scale
 
 
+def test_sd_folder_tokenizer_in_either_layout(tiny_sd_folder, tmp_path):
+    """The fixture folder is what `StableDiffusionPipeline.save_pretrained` writes today (tokenizer/tokenizer.json, no
+    vocab.json / merges.txt); the hub's layout (vocab.json + merges.txt alone) loads to the same token ids."""
+    from tokenizers import Tokenizer
+
+    saved = tiny_sd_folder / "tokenizer"
+    assert (saved / "tokenizer.json").is_file() and not (saved / "vocab.json").exists()
+    legacy = _copy(tiny_sd_folder, tmp_path)
+    Tokenizer.from_file(str(saved / "tokenizer.json")).model.save(str(legacy / "tokenizer"))
+    (legacy / "tokenizer" / "tokenizer.json").unlink()
+    prompts = ["a photo of an astronaut riding a horse", "Hello, World! 123 " * 20]
+    want = load_sd_folder(tiny_sd_folder).tokenizer(prompts)  # == transformers' ids (the test above)
+    np.testing.assert_array_equal(load_sd_folder(legacy).tokenizer(prompts), want)
+    shutil.rmtree(legacy / "tokenizer")
+    (legacy / "tokenizer").mkdir()
+    with pytest.raises(PosiError, match="no tokenizer files \\(expected tokenizer.json, or vocab.json and merges.txt\\)"):
+        load_sd_folder(legacy)
+
+
 def test_loaded_parameters_equal_the_checkpoint(tiny_sd2_folder):
     """Spot-check the table's transposes on real tensors (conv OIHW->HWIO, linear and 1x1 conv -> [in, out])."""
     state = load_file(str(tiny_sd2_folder / UNET_FILE))
