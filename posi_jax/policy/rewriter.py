@@ -26,6 +26,14 @@ class Rewrite:
     rewritten: str
     new_tokens: int
     seconds: float  # wall time of the batch this prompt was in, divided by the batch size
+    steps: int = 0  # decoding steps (forward passes) this prompt took
+    draft_tokens: int = 0  # prompt-lookup draft tokens proposed (SamplingConfig.prompt_lookup_tokens)
+    draft_accepted: int = 0  # of which accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens (None when nothing was drafted)."""
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
 
 
 class Rewriter:
@@ -73,9 +81,10 @@ class Rewriter:
                            pad_id=self.tokenizer.pad_id)
             tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
             seconds = (time.perf_counter() - t0) / len(chunk)
+            steps, drafted, accepted = (np.asarray(a) for a in (out.steps, out.drafted, out.accepted))
             for j in range(len(chunk)):
                 results.append(Rewrite(prompts[start + j], response_text(self.tokenizer, tokens[j], keep[j]),
-                                       int(keep[j].sum()), seconds))
+                                       int(keep[j].sum()), seconds, int(steps[j]), int(drafted[j]), int(accepted[j])))
             if progress is not None:
                 progress.update(len(chunk))
         return results

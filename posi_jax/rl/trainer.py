@@ -118,6 +118,7 @@ class PPOTrainer:
         gen = generate(self.policy_model(), ids, mask, gen_rng, self.sampling, eos_ids=self.eos_ids,
                        pad_id=self.pad_id)
         tokens, keep = shd.to_host(gen.tokens), shd.to_host(gen.mask)
+        steps, drafted, accepted = (int(shd.to_host(a).sum()) for a in (gen.steps, gen.drafted, gen.accepted))
         t_rollout = time.perf_counter() - t0
         rewritten = [response_text(self.tokenizer, tokens[j], keep[j]) for j in range(len(indices))]
 
@@ -145,6 +146,8 @@ class PPOTrainer:
             "reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
             **{f"reward/{k}_mean": float(np.mean(v)) for k, v in components.items()},
             "response/length_mean": n_tokens / len(indices),
+            # prompt-lookup speculative decoding (sampling.prompt_lookup_tokens): drafts accepted, tokens per step
+            "rollout/draft_acceptance": accepted / max(drafted, 1), "rollout/tokens_per_step": n_tokens / max(steps, 1),
             "time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": t_update,
             "time/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
             "time/tokens_per_s": n_tokens / max(t_rollout + t_reward + t_update, 1e-9),
