@@ -49,6 +49,9 @@ def parse_args(argv=None):
     sampling.add_argument("--top-p", type=float, default=0.7)
     sampling.add_argument("--top-k", type=int, default=0)
     sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--no-prompt-lookup", action="store_true",
+                          help="decode one token per step (default: prompt-lookup speculative decoding, the same "
+                               "rewrites in fewer steps)")
     sampling.add_argument("--sampling-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                           help="also compile these settings over the defaults, e.g. greedy=true (repeatable)")
     sampling.add_argument("--seed", type=int, default=0)
@@ -76,7 +79,8 @@ def _sampling_configs(args):
     from posi_jax.policy.sampler import SamplingConfig
 
     default = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, greedy=args.greedy)
+                             top_k=args.top_k, greedy=args.greedy,
+                             **({"prompt_lookup_tokens": 0} if args.no_prompt_lookup else {}))
     base = [f"{k}={v}" for k, v in dataclasses.asdict(default).items()]
     variants = []
     for text in args.sampling_variant:

@@ -165,8 +165,8 @@ def build_app(batcher: DynamicBatcher, images: UpstreamImages | LocalImages | No
             raise
         return {"rewrites": [{"prompt": r.original, "rewrite": r.rewritten,
                               "changed": count_rewrite(r.original, r.rewritten), "new_tokens": r.new_tokens,
-                              # filled when the rewriter measures it (prompt-lookup drafting), else null
-                              "draft_acceptance": getattr(r, "draft_acceptance", None)} for r in results],
+                              # accepted / proposed prompt-lookup draft tokens (null: nothing was drafted)
+                              "draft_acceptance": r.acceptance_rate} for r in results],
                 "sampling": describe_sampling(sampling)}
 
     @app.post("/v1/images/generations", openapi_extra=_body_schema(ImagesRequest))

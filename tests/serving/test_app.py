@@ -21,7 +21,8 @@ def test_rewrite_returns_one_rewrite_per_prompt(plain_service):
     assert [x["prompt"] for x in body["rewrites"]] == ["a bloody knife", "  a cat  "]
     for x in body["rewrites"]:
         assert isinstance(x["rewrite"], str) and 1 <= x["new_tokens"] <= 8
-        assert isinstance(x["changed"], bool) and x["draft_acceptance"] is None
+        assert isinstance(x["changed"], bool)
+        assert x["draft_acceptance"] is None or 0.0 <= x["draft_acceptance"] <= 1.0  # None: nothing was drafted
     assert body["sampling"] == "temperature=0.95, top_p=0.7, top_k=0, max_new_tokens=8"
 
 
