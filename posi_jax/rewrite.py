@@ -21,18 +21,19 @@ def parse_args(argv=None):
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object per prompt (original, rewritten, timing, draft acceptance)")
     ap.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    ap.add_argument("--temperature", type=float, default=0.95)
-    ap.add_argument("--top-p", type=float, default=0.7)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-lookup-tokens", type=int, default=None, metavar="K",
+    ap.add_argument("--temperature", type=cli.finite_float, default=0.95)
+    ap.add_argument("--top-p", type=cli.finite_float, default=0.7)
+    ap.add_argument("--top-k", type=cli.number(int, "[0, inf)"), default=0, help="0: off")
+    ap.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
+    ap.add_argument("--prompt-lookup-tokens", type=cli.number(int, "[0, inf)"), default=None, metavar="K",
                     help="speculative decoding: K draft tokens per step copied from the prompt and verified by the "
                          "model (the same output in fewer steps; 0: off; default: on)")
     ap.add_argument("--no-prompt-lookup", action="store_true", help="decode one token per step (--prompt-lookup-tokens 0)")
-    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts are truncated with a warning")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    ap.add_argument("--max-prompt-tokens", type=cli.positive_int, default=256,
+                    help="longer prompts are truncated with a warning")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=8)
+    ap.add_argument("--seed", type=cli.seed, default=0)
+    return ap.parse_intermixed_args(argv)
 
 
 def _decode(data: bytes, source: str) -> str:

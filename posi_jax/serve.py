@@ -25,45 +25,45 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", help="a .gguf file, an HF folder, a LoRA adapter folder, an SFT or a PPO run "
                                          "(default: SmolLM2-135M-Instruct + the shipped POSI adapter)")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000, help="0: any free port (the printed URL names it)")
+    ap.add_argument("--port", type=cli.number(int, "[0, 65535]"), default=8000, help="0: any free port (the printed URL names it)")
     backend = ap.add_mutually_exclusive_group()
     backend.add_argument("--upstream", metavar="URL", help="an OpenAI-compatible images API's base URL, e.g. "
                          "https://api.openai.com/v1 (its key: the caller's Authorization header, else $OPENAI_API_KEY)")
     backend.add_argument("--sd", metavar="SD_FOLDER", help="draw images with our Stable Diffusion from a diffusers "
                                                            "folder")
     ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
-    ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request, queueing included")
-    ap.add_argument("--max-prompts", type=int, default=32, help="prompts per /v1/rewrite request")
+    ap.add_argument("--request-timeout", type=cli.number(float, "(0, inf)"), default=60.0, help="seconds per request, queueing included")
+    ap.add_argument("--max-prompts", type=cli.positive_int, default=32, help="prompts per /v1/rewrite request")
     ap.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
                     help="debug also logs every prompt and its rewrite")
     batching = ap.add_argument_group("batching")
     batching.add_argument("--batch-sizes", default="1,8,32", help="compiled batch sizes, increasing; the largest is "
                                                                   "the largest batch")
-    batching.add_argument("--max-wait-ms", type=float, default=10.0,
+    batching.add_argument("--max-wait-ms", type=cli.number(float, "[0, inf)"), default=10.0,
                           help="how long a prompt waits for others to join its batch")
-    batching.add_argument("--max-queue", type=int, default=256, help="prompts waiting; beyond it: 503 + Retry-After")
-    batching.add_argument("--max-prompt-tokens", type=int, default=64, help="longer prompts are refused (400)")
+    batching.add_argument("--max-queue", type=cli.positive_int, default=256, help="prompts waiting; beyond it: 503 + Retry-After")
+    batching.add_argument("--max-prompt-tokens", type=cli.positive_int, default=64, help="longer prompts are refused (400)")
     sampling = ap.add_argument_group("sampling (requests may pick any compiled variant)")
     sampling.add_argument("--greedy", action="store_true")
-    sampling.add_argument("--temperature", type=float, default=0.95)
-    sampling.add_argument("--top-p", type=float, default=0.7)
-    sampling.add_argument("--top-k", type=int, default=0)
-    sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--temperature", type=cli.finite_float, default=0.95)
+    sampling.add_argument("--top-p", type=cli.finite_float, default=0.7)
+    sampling.add_argument("--top-k", type=cli.number(int, "[0, inf)"), default=0)
+    sampling.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
     sampling.add_argument("--no-prompt-lookup", action="store_true",
                           help="decode one token per step (default: prompt-lookup speculative decoding, the same "
                                "rewrites in fewer steps)")
     sampling.add_argument("--sampling-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                           help="also compile these settings over the defaults, e.g. greedy=true (repeatable)")
-    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--seed", type=cli.seed, default=0)
     upstream = ap.add_argument_group("--upstream")
-    upstream.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds per attempt")
-    upstream.add_argument("--upstream-retries", type=int, default=3)
+    upstream.add_argument("--upstream-timeout", type=cli.number(float, "(0, inf)"), default=60.0, help="seconds per attempt")
+    upstream.add_argument("--upstream-retries", type=cli.number(int, "[0, inf)"), default=3)
     sd = ap.add_argument_group("--sd")
-    sd.add_argument("--sd-steps", type=int, default=50)
-    sd.add_argument("--sd-guidance", type=float, default=7.5)
+    sd.add_argument("--sd-steps", type=cli.positive_int, default=50)
+    sd.add_argument("--sd-guidance", type=cli.finite_float, default=7.5)
     sd.add_argument("--sd-size", action="append", default=[], metavar="WxH",
                     help="a served image size (repeatable; default: the model's own)")
-    sd.add_argument("--sd-max-n", type=int, default=4, help="images per request")
+    sd.add_argument("--sd-max-n", type=cli.positive_int, default=4, help="images per request")
     sd.add_argument("--sd-scheduler", default=None, help="ddim, pndm, dpmpp_2m or euler (default: the folder's)")
     sd.add_argument("--sd-dtype", choices=("float32", "bfloat16"), default="float32")
     return ap.parse_args(argv)

@@ -20,7 +20,8 @@ def run_cli(*args, stdin: bytes | None = None, timeout=300):
 def assert_one_line_error(rc, err, pattern):
     assert rc != 0
     assert "Traceback" not in err, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    # ours: "error: ..."; argparse's (a flag's type refused the value): "prog: error: ..." after its usage lines
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:") or ": error: " in l]
     assert len(lines) == 1 and pattern in lines[0], err
 
 
@@ -62,7 +63,7 @@ def test_stdin_and_over_long_prompt_warns(tiny_llama_folder):
     ([], b"first\n\nthird\n", "line 2 is empty"),
     (["a cat", "--checkpoint", "/nonexistent/model.gguf"], None, "checkpoint not found"),
     (["a cat", "--temperature", "0"], None, "temperature"),
-    (["a cat", "--prompt-lookup-tokens", "-1"], None, "prompt_lookup_tokens must be"),
+    (["a cat", "--prompt-lookup-tokens", "-1"], None, "--prompt-lookup-tokens: must be ≥ 0"),
     (["a cat", "--prompt-lookup-tokens", "3", "--no-prompt-lookup"], None, "not both"),
 ])
 def test_bad_input_one_line_error(args, stdin, pattern):

@@ -3,7 +3,8 @@ evaluation's black-box mode and the serving proxy): the API key and base URL, er
 backoff.
 
 The key is read in one place (`api_key`): surrounding whitespace (a CR/LF from a file saved on Windows) is stripped,
-a key with other control characters is refused, and `redact` removes it from any text before it is shown.
+a key with any other character outside printable ASCII is refused (without showing it), and every message taken from
+the client or the server (`classify`) has the key removed (`redact`) before it is shown or written.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def api_key(explicit: str | None = None) -> str:
     key = raw.strip()
     if not key:
         raise PosiError("no API key: set OPENAI_API_KEY (any non-empty value for a local server that ignores it)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise PosiError("the API key contains control characters (is it the whole file, or two keys on two lines?); "
-                        "set OPENAI_API_KEY to the key alone")
+    if any(not 33 <= ord(c) <= 126 for c in key):  # an HTTP header value; httpx would quote it in its error
+        raise PosiError("the API key contains spaces, control characters or non-ASCII characters (is it the whole "
+                        "file, or two keys on two lines?); set OPENAI_API_KEY to the key alone")
     return key
 
 
@@ -62,9 +63,14 @@ class APIFailure:
     safety: bool = False  # a 4xx whose code or message says the provider's safety system refused it
 
 
-def classify(error: BaseException) -> APIFailure | None:
+def classify(error: BaseException, key: str | None = None) -> APIFailure | None:
     """The APIFailure of an openai client exception or of an httpx2 transport error (the serving proxy calls httpx2
-    directly); None for any other exception (the caller's own bug)."""
+    directly), its texts without `key` (the API key); None for any other exception (the caller's own bug)."""
+    failure = _classify(error)
+    return None if failure is None else dataclasses.replace(failure, detail=redact(failure.detail, key))
+
+
+def _classify(error: BaseException) -> APIFailure | None:
     import openai
 
     if isinstance(error, openai.APITimeoutError):

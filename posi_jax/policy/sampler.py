@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from posi_jax.config import check_numbers
 from posi_jax.errors import PosiError
 from posi_jax.models.llama import KVCache, LlamaForCausalLM, positions_from_mask
 from posi_jax.policy.draft import prompt_lookup_draft
@@ -47,19 +48,14 @@ class SamplingConfig:
     prompt_lookup_tokens: int = 10  # draft tokens per step copied from the context (speculative decoding); 0: off
     prompt_lookup_ngram: int = 3  # the longest context suffix looked up
 
+    BOUNDS: ClassVar[dict[str, str]] = {"max_new_tokens": "[1, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)",
+                                        "prompt_lookup_tokens": "[0, inf)", "prompt_lookup_ngram": "[1, inf)"}
+
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise PosiError(f"sampling: max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        check_numbers(self, "sampling.")
         if not self.greedy and not self.temperature > 0:
-            raise PosiError(f"sampling: temperature must be > 0, got {self.temperature} (argmax decoding: greedy)")
-        if not 0 < self.top_p <= 1:
-            raise PosiError(f"sampling: top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise PosiError(f"sampling: top_k must be ≥ 0 (0: off), got {self.top_k}")
-        if self.prompt_lookup_tokens < 0:
-            raise PosiError(f"sampling: prompt_lookup_tokens must be ≥ 0 (0: off), got {self.prompt_lookup_tokens}")
-        if self.prompt_lookup_ngram < 1:
-            raise PosiError(f"sampling: prompt_lookup_ngram must be ≥ 1, got {self.prompt_lookup_ngram}")
+            raise PosiError(f"sampling.temperature must be > 0, got {self.temperature} "
+                            "(argmax decoding: --greedy, or sampling.greedy=true in a config)")
 
 
 class Generation(NamedTuple):
@@ -268,6 +264,8 @@ def generate(model: LlamaForCausalLM, prompt_ids, prompt_mask, rng, cfg: Samplin
     if shrink is None:
         sharding = getattr(prompt_ids, "sharding", None)
         shrink = sharding is None or len(sharding.device_set) == 1
+    if cfg.top_k > model.config.vocab_size:
+        raise PosiError(f"sampling.top_k {cfg.top_k} is larger than the model's vocabulary of {model.config.vocab_size}")
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool), rng,
                      cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), shrink=bool(shrink))
