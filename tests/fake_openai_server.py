@@ -11,6 +11,7 @@ then a 500, then a normal answer" independently of request order under concurren
     500        HTTP 500 with an OpenAI-style error body
     400        HTTP 400 (e.g. the provider's own content filter refusing the prompt)
     401        HTTP 401 (bad key)
+    401echo    HTTP 401 whose message quotes the key it was sent (some providers do)
     slow       sleeps `slow_s` (longer than the client timeout), then answers ok
     malformed  HTTP 200, content-type application/json, a body that is not JSON
     drop       closes the connection without any response
@@ -159,6 +160,10 @@ class FakeOpenAI:
                         "type": "server_error"}})
                 if behaviour == "401":
                     return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
+                if behaviour == "401echo":
+                    key = (self.headers.get("authorization") or "").split(" ", 1)[-1]
+                    return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                                      "type": "auth"}})
                 if behaviour == "malformed":
                     return self._send_raw(200, b'{"id": "chatcmpl-x", "choices": [ {"mess', "application/json")
                 if behaviour == "drop":
