@@ -37,7 +37,7 @@ from posi_jax.diffusion.pipeline import StableDiffusion, sample_images
 from posi_jax.diffusion.schedulers import make_scheduler
 from posi_jax.diffusion.sld import sld_config
 from posi_jax.errors import PosiError
-from posi_jax.nn.sharding import DATA_AXIS, data_mesh
+from posi_jax.nn.sharding import DATA_AXIS, data_mesh, to_host
 from posi_jax.reward.clip_score import clip_score
 from posi_jax.reward.preprocess import clip_preprocess
 from posi_jax.reward.q16 import check_q16_prompts, q16_inappropriate_prob
@@ -245,7 +245,7 @@ class PosiReward:
             out = self._call_jit(cond[images], uncond[images], latents[jnp.asarray(images)], text_ids[rows],
                                  return_images)
             keep = min(per_call, num_prompts - start)
-            chunks.append({k: np.asarray(v)[:keep * n if k == "images" else keep] for k, v in out.items()})
+            chunks.append({k: to_host(v)[:keep * n if k == "images" else keep] for k, v in out.items()})
         return RewardOutput(**{k: np.concatenate([ch[k] for ch in chunks]) for k in chunks[0]})
 
     def _call_jit(self, cond, uncond, latents, text_ids, return_images: bool) -> dict:

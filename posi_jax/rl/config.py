@@ -212,7 +212,7 @@ class PPORunConfig:
     out_dir: str = "runs/ppo"
     save_every: int = 10
     keep_checkpoints: int = 3
-    distributed: bool = False  # jax.distributed.initialize() first (multi-host TPU VMs)
+    distributed: bool = False  # join a multi-host run first (training/distributed.py; also when JAX_NUM_PROCESSES is set)
 
     def __post_init__(self):
         check_template(self.template, "template")
