@@ -71,10 +71,14 @@ def check_batch(rows: int, mesh: Mesh, what: str) -> None:
 
 
 def put(tree, shardings):
-    """Place host or device arrays with the given shardings (multi-host safe: every host holds the same values; PRNG
-    key arrays and arrays already spread over several hosts are handled too)."""
+    """Place host or device arrays with the given shardings (one, or a tree of them). Multi-host safe: every host
+    holds the same values, and each writes only its own devices' parts (`jax.device_put` would first check across
+    hosts that the values agree: one collective per array). PRNG key arrays and arrays already spread over several
+    hosts are handled too."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
 
     def one(x, sharding):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
