@@ -4,7 +4,7 @@ On a Cloud TPU VM, `jax.distributed.initialize()` finds its peers by itself. Els
 several CPU processes on one machine, the pod's code path without a pod) the peers are named in the environment:
 JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. A run joins when its config
 says `distributed: true` or when those variables are set, so a launcher never starts N independent copies of a run
-writing into one folder.
+writing into one folder. POSI_JAX_HEARTBEAT_TIMEOUT_S overrides how soon a dead peer fails the others.
 """
 from __future__ import annotations
 
