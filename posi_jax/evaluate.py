@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m posi_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", help="prompt set: .txt / .json / .jsonl / .csv")
-    p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    p.add_argument("--out", required=True, type=cli.output_dir, help="output directory (resumable)")
+    p.add_argument("--limit", type=cli.positive_int, default=None, help="evaluate the first N prompts only")
 
     g = p.add_argument_group("rewrites (one of)")
     g.add_argument("--checkpoint", default=None,
@@ -43,37 +43,43 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="precomputed rewrites in the prompt set's order (.txt / .json / .jsonl, e.g. the output of "
                         "`python -m posi_jax.rewrite --json`)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    g.add_argument("--temperature", type=float, default=0.95)
-    g.add_argument("--top-p", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=0, help="0: off (upstream's inference samples with 50)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--rewrite-batch-size", type=int, default=8)
+    g.add_argument("--temperature", type=cli.finite_float, default=0.95)
+    g.add_argument("--top-p", type=cli.finite_float, default=0.7)
+    g.add_argument("--top-k", type=cli.number(int, "[0, inf)"), default=0,
+                   help="0: off (upstream's inference samples with 50)")
+    g.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
+    g.add_argument("--no-prompt-lookup", action="store_true",
+                   help="decode one token per step (default: prompt-lookup speculative decoding, the same rewrites "
+                        "in fewer steps)")
+    g.add_argument("--rewrite-batch-size", type=cli.positive_int, default=8)
     g.add_argument("--rewriter-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="rewriter parameter and compute dtype (bfloat16 halves a 7B model's memory)")
 
     g = p.add_argument_group("images: local Stable Diffusion (default) or a black-box images endpoint")
     g.add_argument("--sd", default=None, help="diffusers Stable Diffusion folder (e.g. SD v1.4)")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--scheduler", default=None, help="pndm / ddim / dpm / euler (default: the folder's)")
+    g.add_argument("--steps", type=cli.positive_int, default=50)
+    g.add_argument("--guidance", type=cli.finite_float, default=7.5)
+    g.add_argument("--height", type=cli.positive_int, default=512)
+    g.add_argument("--width", type=cli.positive_int, default=512)
+    g.add_argument("--scheduler", default=None, help="pndm / ddim / dpmpp_2m / euler (default: the folder's)")
     g.add_argument("--negative", default=None,
                    help="negative prompt for both sides (with --methods: the prompt of the `negative` methods)")
     g.add_argument("--sld", default=None, metavar="PRESET",
                    help="Safe Latent Diffusion guidance (weak / medium / strong / max) for both sides (with "
                         "--methods: the preset of the `sld` methods, default medium)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="SD compute dtype")
-    g.add_argument("--sd-batch-size", type=int, default=None,
+    g.add_argument("--sd-batch-size", type=cli.positive_int, default=None,
                    help="images per denoising call (default: a whole --batch-prompts batch, 2 x n per prompt)")
     g.add_argument("--images-api", action="store_true",
                    help="send the prompts to an OpenAI-compatible images endpoint instead (key: $OPENAI_API_KEY)")
     g.add_argument("--base-url", default=None, help="images endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
     g.add_argument("--api-model", default="dall-e-2")
     g.add_argument("--api-size", default="512x512")
-    g.add_argument("--api-timeout", type=float, default=120.0, help="seconds per request")
-    g.add_argument("--api-max-retries", type=int, default=5, help="retries on 429 / 5xx / timeouts / dropped links")
-    g.add_argument("--api-images-per-request", type=int, default=1, help="n per request (DALL-E 3 allows only 1)")
+    g.add_argument("--api-timeout", type=cli.number(float, "(0, inf)"), default=120.0, help="seconds per request")
+    g.add_argument("--api-max-retries", type=cli.number(int, "[0, inf)"), default=5,
+                   help="retries on 429 / 5xx / timeouts / dropped links")
+    g.add_argument("--api-images-per-request", type=cli.positive_int, default=1,
+                   help="n per request (DALL-E 3 allows only 1)")
 
     g = p.add_argument_group("scorers")
     g.add_argument("--q16-clip", required=True, help="CLIP ViT-L/14 (OpenAI .pt/.safetensors or HF folder) for Q16")
@@ -93,11 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         " (all = original,posi,negative,sld,posi+negative,posi+sld)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--n", type=int, default=d.images_per_prompt, help="images per prompt and side")
-    g.add_argument("--seed", type=int, default=d.seed, help="prompt i's images use seed + i on both sides")
-    g.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="prompts per generation call")
-    g.add_argument("--grid-rows", type=int, default=d.grid_rows)
-    g.add_argument("--grid-images", type=int, default=d.grid_images, help="images per side in the grid")
+    g.add_argument("--n", type=cli.setting(EvalOptions, "images_per_prompt"), default=d.images_per_prompt,
+                   help="images per prompt and side")
+    g.add_argument("--seed", type=cli.setting(EvalOptions, "seed"), default=d.seed,
+                   help="prompt i's images use seed + i on both sides")
+    g.add_argument("--batch-prompts", type=cli.setting(EvalOptions, "batch_prompts"), default=d.batch_prompts,
+                   help="prompts per generation call")
+    g.add_argument("--grid-rows", type=cli.setting(EvalOptions, "grid_rows"), default=d.grid_rows)
+    g.add_argument("--grid-images", type=cli.setting(EvalOptions, "grid_images"), default=d.grid_images,
+                   help="images per side in the grid")
     g.add_argument("--save-images", action="store_true", help="save every image (else the grid rows' only)")
     g.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -138,8 +148,6 @@ def _evaluate(args) -> int:
     options = EvalOptions(images_per_prompt=args.n, seed=args.seed, batch_prompts=args.batch_prompts,
                           grid_rows=args.grid_rows, grid_images=args.grid_images, save_images=args.save_images)
     options.validate()
-    if args.limit is not None and args.limit < 1:
-        raise PosiError(f"--limit must be >= 1, got {args.limit}")
     prompts = read_prompt_set(args.prompts)
     rewrites = read_rewrites(args.rewritten, prompts)[: args.limit] if args.rewritten else None
     prompts = prompts[: args.limit]
@@ -157,11 +165,15 @@ def _evaluate(args) -> int:
         from posi_jax.policy.sampler import SamplingConfig
 
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, greedy=args.greedy)
+                                  top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
+                                  **({"prompt_lookup_tokens": 0} if args.no_prompt_lookup else {}))
         dtype = parse_dtype(args.rewriter_dtype, "--rewriter-dtype")
         model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
         rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
-        rewrite_settings = {"checkpoint": args.checkpoint, "sampling": vars(sampling),
+        # Prompt lookup changes the speed, not the distribution of rewrites: not pinned, so folders made before it
+        # (or with it off) still resume.
+        pinned = {k: v for k, v in vars(sampling).items() if not k.startswith("prompt_lookup")}
+        rewrite_settings = {"checkpoint": args.checkpoint, "sampling": pinned,
                             "rewriter_dtype": args.rewriter_dtype, "prompt_set": str(args.prompts),
                             "limit": args.limit}
         rewrites = rewrite_all(prompts, out, lambda ps, seed: rewriter.rewrite(ps, sampling, seed=seed),

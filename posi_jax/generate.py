@@ -21,24 +21,25 @@ def parse_args(argv=None):
     ap.add_argument("prompts", nargs="+", help="one or more prompts")
     ap.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (unet/ vae/ text_encoder/ "
                                                    "tokenizer/ scheduler/)")
-    ap.add_argument("--out", required=True, help="output folder (created if missing)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n", type=int, default=1, help="images per prompt")
+    ap.add_argument("--out", required=True, type=cli.output_dir, help="output folder (created if missing)")
+    ap.add_argument("--steps", type=cli.positive_int, default=50)
+    ap.add_argument("--guidance", type=cli.finite_float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+    ap.add_argument("--seed", type=cli.seed, default=0)
+    ap.add_argument("--n", type=cli.positive_int, default=1, help="images per prompt")
     ap.add_argument("--scheduler", default=None, help="ddim, pndm, dpmpp_2m or euler (default: the folder's own)")
     ap.add_argument("--negative", default=None, help="negative prompt, used for every prompt (default: empty)")
-    ap.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default: the model's)")
-    ap.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default: the model's)")
+    ap.add_argument("--height", type=cli.positive_int, default=None,
+                    help="image height, multiple of 8 (default: the model's)")
+    ap.add_argument("--width", type=cli.positive_int, default=None, help="image width, multiple of 8 (default: the model's)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    ap.add_argument("--batch-size", type=int, default=None, help="images per jitted call (default: all)")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=None, help="images per jitted call (default: all)")
     ap.add_argument("--sld", default=None, metavar="PRESET",
                     help="Safe Latent Diffusion guidance: weak, medium, strong or max (default: none)")
     ap.add_argument("--safety-checker", action="store_true",
                     help="flag images with the model folder's safety_checker/ (writes OUT/safety_checker.json)")
     ap.add_argument("--black-out-flagged", action="store_true",
                     help="replace images the safety checker flags by black ones (implies --safety-checker)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -49,14 +50,6 @@ def main(argv=None) -> int:
 def _generate(args) -> int:
     if not os.path.isdir(args.model):
         raise PosiError(f"{args.model}: model folder not found")
-    if args.n < 1:
-        raise PosiError(f"--n {args.n}: must be >= 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise PosiError(f"--batch-size {args.batch_size}: must be >= 1")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise PosiError(f"cannot create output folder {args.out}: {e.strerror}") from None
     import numpy as np
 
     from posi_jax.config import parse_dtype
@@ -73,6 +66,10 @@ def _generate(args) -> int:
             raise PosiError(f"{args.model}: no safety_checker/ folder (needed by --safety-checker)")
         checker = load_sd_safety_checker(args.model, dtype)
     sd = StableDiffusion.from_folder(args.model, dtype=dtype, scheduler=args.scheduler)
+    try:  # only once the model has loaded: a failed run leaves no empty folder behind
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise PosiError(f"cannot create output folder {args.out}: {e.strerror}") from None
     images = sd.generate(args.prompts, args.negative, seed=args.seed, num_images_per_prompt=args.n,
                          steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                          batch_size=args.batch_size, sld=sld)

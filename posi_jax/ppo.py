@@ -22,7 +22,8 @@ def _export(argv) -> int:
                                  description="the policy of a PPO run's latest checkpoint (adapter folded in) as an HF "
                                              "safetensors folder")
     ap.add_argument("run_dir", help="a PPO run folder (out_dir: ppo_config.json + checkpoints/)")
-    ap.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files)")
+    ap.add_argument("--out", required=True, type=cli.output_dir,
+                    help="output folder (config.json, model.safetensors, tokenizer files)")
     args = ap.parse_args(argv)
     from pathlib import Path
 
@@ -42,7 +43,7 @@ def _train(argv) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (ppo.batch_size=8)")
     ap.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from posi_jax.rl.config import load_run_config
     from posi_jax.rl.run import train
 

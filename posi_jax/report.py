@@ -15,21 +15,18 @@ import argparse
 import sys
 
 from posi_jax import cli
-from posi_jax.errors import PosiError
 
 
 def _report(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m posi_jax.report", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", help="an SFT or PPO run folder (out_dir of python -m posi_jax.sft / ppo)")
-    ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
-    ap.add_argument("--compare", type=int, default=0, metavar="N",
+    ap.add_argument("--out", default=None, type=cli.output_dir, help="output folder (default: RUN_DIR/report)")
+    ap.add_argument("--compare", type=cli.number(int, "[0, inf)"), default=0, metavar="N",
                     help="SFT runs: add a greedy before/after table on N held-out prompts + fixed toxic/clean ones")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="for --compare")
-    ap.add_argument("--max-sample-rows", type=int, default=20,
+    ap.add_argument("--max-new-tokens", type=cli.positive_int, default=96, help="for --compare")
+    ap.add_argument("--max-sample-rows", type=cli.number(int, "[2, inf)"), default=20,
                     help="logged steps whose sample rewrites the page shows (evenly spaced)")
     args = ap.parse_args(argv)
-    if args.compare < 0 or args.max_new_tokens < 1 or args.max_sample_rows < 2:
-        raise PosiError("--compare must be ≥ 0, --max-new-tokens ≥ 1 and --max-sample-rows ≥ 2")
     from posi_jax.training.run_report import compare_rewrites, write_report
 
     comparison = compare_rewrites(args.run_dir, args.compare, max_new_tokens=args.max_new_tokens) \

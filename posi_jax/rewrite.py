@@ -18,16 +18,22 @@ def parse_args(argv=None):
     ap.add_argument("--file", help="a UTF-8 text file, one prompt per line")
     ap.add_argument("--checkpoint", help="a .gguf file, an HF safetensors folder, a LoRA adapter folder, an SFT run folder or a PPO run folder "
                          "(default: SmolLM2-135M-Instruct + the shipped POSI adapter)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object per prompt (original, rewritten, timing)")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object per prompt (original, rewritten, timing, draft acceptance)")
     ap.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    ap.add_argument("--temperature", type=float, default=0.95)
-    ap.add_argument("--top-p", type=float, default=0.7)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts are truncated with a warning")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args(argv)
+    ap.add_argument("--temperature", type=cli.finite_float, default=0.95)
+    ap.add_argument("--top-p", type=cli.finite_float, default=0.7)
+    ap.add_argument("--top-k", type=cli.number(int, "[0, inf)"), default=0, help="0: off")
+    ap.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
+    ap.add_argument("--prompt-lookup-tokens", type=cli.number(int, "[0, inf)"), default=None, metavar="K",
+                    help="speculative decoding: K draft tokens per step copied from the prompt and verified by the "
+                         "model (the same output in fewer steps; 0: off; default: on)")
+    ap.add_argument("--no-prompt-lookup", action="store_true", help="decode one token per step (--prompt-lookup-tokens 0)")
+    ap.add_argument("--max-prompt-tokens", type=cli.positive_int, default=256,
+                    help="longer prompts are truncated with a warning")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=8)
+    ap.add_argument("--seed", type=cli.seed, default=0)
+    return ap.parse_intermixed_args(argv)
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -73,9 +79,13 @@ def _rewrite(args) -> int:
     from posi_jax.policy.rewriter import Rewriter
     from posi_jax.policy.sampler import SamplingConfig
 
+    if args.no_prompt_lookup and args.prompt_lookup_tokens:
+        raise PosiError("give --no-prompt-lookup or --prompt-lookup-tokens, not both")
     prompts = check_prompts(read_prompts(args))
+    lookup = {} if args.prompt_lookup_tokens is None else {"prompt_lookup_tokens": args.prompt_lookup_tokens}
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, greedy=args.greedy)
+                              top_k=args.top_k, greedy=args.greedy,
+                              **({"prompt_lookup_tokens": 0} if args.no_prompt_lookup else lookup))
     rewriter = Rewriter.load(args.checkpoint, max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
     progress = None
     if args.file and len(prompts) > args.batch_size:
@@ -87,8 +97,11 @@ def _rewrite(args) -> int:
         progress.close()
     for r in results:
         if args.json:
+            rate = r.acceptance_rate
             print(json.dumps({"original": r.original, "rewritten": r.rewritten, "new_tokens": r.new_tokens,
-                              "seconds": round(r.seconds, 4)}, ensure_ascii=False))
+                              "seconds": round(r.seconds, 4), "steps": r.steps, "draft_tokens": r.draft_tokens,
+                              "draft_accepted": r.draft_accepted,
+                              "acceptance_rate": None if rate is None else round(rate, 4)}, ensure_ascii=False))
         else:
             print(r.rewritten)
     return 0

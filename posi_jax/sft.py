@@ -17,7 +17,7 @@ def _train(argv) -> int:
     ap.add_argument("--config", help="YAML file overriding SFTConfig defaults")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (applied after the YAML)")
     ap.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from posi_jax.config import load_config
     from posi_jax.training.sft import SFTConfig, SFTTrainer
 
@@ -31,7 +31,8 @@ def _merge(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m posi_jax.sft merge",
                                  description="fold a LoRA adapter into its base and write an HF safetensors folder")
     ap.add_argument("checkpoint", help="an adapter folder (adapter_config.json) or an SFT run folder")
-    ap.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer files)")
+    ap.add_argument("--out", required=True, type=cli.output_dir,
+                    help="output folder (config.json, model.safetensors, tokenizer files)")
     args = ap.parse_args(argv)
     from posi_jax.checkpoints import export_policy
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -107,3 +108,9 @@ def closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a CLI subprocess a test will Ctrl-C: SIGINT back to its default disposition. A test run
+    started in the background (`&`, nohup, some CI runners) ignores SIGINT, and its children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,6 +11,7 @@ then a 500, then a normal answer" independently of request order under concurren
     500        HTTP 500 with an OpenAI-style error body
     400        HTTP 400 (e.g. the provider's own content filter refusing the prompt)
     401        HTTP 401 (bad key)
+    401echo    HTTP 401 whose message quotes the key it was sent (some providers do)
     slow       sleeps `slow_s` (longer than the client timeout), then answers ok
     malformed  HTTP 200, content-type application/json, a body that is not JSON
     drop       closes the connection without any response
@@ -20,6 +21,8 @@ then a 500, then a normal answer" independently of request order under concurren
     long       a 5000-character message
     junk       a chatty multi-line answer with quotes around the rewrite
     filtered   finish_reason "content_filter" with empty content
+    keyleak_500, keyleak_400   HTTP 500 / 400 whose error message quotes the request's Authorization header back (a
+               misbehaving proxy): what the client reports must not show the key
 
 Every request is logged (time, marker-free prompt, behaviour) so tests can count attempts per prompt.
 
@@ -151,8 +154,16 @@ class FakeOpenAI:
                     return self._send(400, {"error": {"message": "Your request was rejected by the safety system",
                                                       "type": "invalid_request_error",
                                                       "code": "content_policy_violation"}})
+                if behaviour.startswith("keyleak_"):
+                    return self._send(int(behaviour[-3:]), {"error": {
+                        "message": f"upstream refused Authorization: {self.headers.get('authorization')}",
+                        "type": "server_error"}})
                 if behaviour == "401":
                     return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
+                if behaviour == "401echo":
+                    key = (self.headers.get("authorization") or "").split(" ", 1)[-1]
+                    return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}",
+                                                      "type": "auth"}})
                 if behaviour == "malformed":
                     return self._send_raw(200, b'{"id": "chatcmpl-x", "choices": [ {"mess', "application/json")
                 if behaviour == "drop":

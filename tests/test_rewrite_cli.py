@@ -20,7 +20,8 @@ def run_cli(*args, stdin: bytes | None = None, timeout=300):
 def assert_one_line_error(rc, err, pattern):
     assert rc != 0
     assert "Traceback" not in err, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    # ours: "error: ..."; argparse's (a flag's type refused the value): "prog: error: ..." after its usage lines
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:") or ": error: " in l]
     assert len(lines) == 1 and pattern in lines[0], err
 
 
@@ -33,6 +34,17 @@ def test_json_output_from_file_with_tiny_model(tmp_path, tiny_llama_folder):
     rows = [json.loads(l) for l in out.splitlines()]
     assert [r["original"] for r in rows] == ["a photo of a cat", "A violent street fight, blood everywhere"]
     assert all(isinstance(r["rewritten"], str) and 0 < r["new_tokens"] <= 8 and r["seconds"] > 0 for r in rows)
+    # prompt lookup is on by default: steps and draft counts per prompt; off, the same greedy text in one step a token
+    assert all(0 < r["steps"] <= r["new_tokens"] and 0 <= r["draft_accepted"] <= r["draft_tokens"] for r in rows)
+    assert all(r["acceptance_rate"] == (round(r["draft_accepted"] / r["draft_tokens"], 4) if r["draft_tokens"]
+                                        else None) for r in rows)
+    rc, out, err = run_cli("--checkpoint", str(tiny_llama_folder), "--file", str(f), "--json", "--greedy",
+                           "--max-new-tokens", "8", "--no-prompt-lookup")
+    assert rc == 0, err
+    plain = [json.loads(l) for l in out.splitlines()]
+    assert [r["rewritten"] for r in plain] == [r["rewritten"] for r in rows]
+    assert all(r["draft_tokens"] == 0 and r["acceptance_rate"] is None and r["steps"] == r["new_tokens"]
+               for r in plain)
 
 
 def test_stdin_and_over_long_prompt_warns(tiny_llama_folder):
@@ -51,6 +63,8 @@ def test_stdin_and_over_long_prompt_warns(tiny_llama_folder):
     ([], b"first\n\nthird\n", "line 2 is empty"),
     (["a cat", "--checkpoint", "/nonexistent/model.gguf"], None, "checkpoint not found"),
     (["a cat", "--temperature", "0"], None, "temperature"),
+    (["a cat", "--prompt-lookup-tokens", "-1"], None, "--prompt-lookup-tokens: must be ≥ 0"),
+    (["a cat", "--prompt-lookup-tokens", "3", "--no-prompt-lookup"], None, "not both"),
 ])
 def test_bad_input_one_line_error(args, stdin, pattern):
     rc, _, err = run_cli(*args, stdin=stdin if stdin is not None else b"")

@@ -20,8 +20,9 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
+from posi_jax.config import check_numbers
 from posi_jax.data import openai_compat
 from posi_jax.data.jsonl import JsonlAppender, read_jsonl_records
 from posi_jax.data.posi import POSI_INSTRUCTION
@@ -83,21 +84,19 @@ class BuildOptions:
     temperature: float = 0.7
     max_tokens: int = 256  # completion budget; a reply cut by it is rejected as "truncated"
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "concurrency": "[1, 256]", "max_retries": "[0, 20]", "timeout_s": "(0, inf)", "backoff_base_s": "[0, inf)",
+        "backoff_max_s": "[0, inf)", "max_output_chars": "[1, inf)", "temperature": "[0, 2]", "max_tokens": "[1, inf)"}
+
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        checks = [
-            (self.model.strip() != "", "model must be non-empty"),
-            (1 <= self.concurrency <= 256, f"concurrency must be in [1, 256], got {self.concurrency}"),
-            (0 <= self.max_retries <= 20, f"max retries must be in [0, 20], got {self.max_retries}"),
-            (self.timeout_s > 0, f"timeout must be > 0 s, got {self.timeout_s}"),
-            (self.backoff_base_s >= 0, f"backoff base must be >= 0 s, got {self.backoff_base_s}"),
-            (self.backoff_max_s >= self.backoff_base_s, "backoff max must be >= backoff base"),
-            (self.max_output_chars > 0, f"max output chars must be > 0, got {self.max_output_chars}"),
-            (self.max_tokens > 0, f"max tokens must be > 0, got {self.max_tokens}"),
-            (0.0 <= self.temperature <= 2.0, f"temperature must be in [0, 2], got {self.temperature}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PosiError(message)
+        check_numbers(self, "BuildOptions.")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise PosiError("model must be non-empty")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise PosiError(f"backoff max ({self.backoff_max_s} s) must be ≥ backoff base ({self.backoff_base_s} s)")
 
 
 @dataclasses.dataclass
@@ -286,9 +285,9 @@ async def _rewrite_one(client, prompt: str, options: BuildOptions, stop: asyncio
                 return _Outcome("rejected", reason=reason, reply=reply)
             return _Outcome("pair", output=clean)
         except (_Malformed, ValueError) as e:  # ValueError: a body that is not JSON
-            last_kind, last_error = "malformed", f"{type(e).__name__}: {e}"
+            last_kind, last_error = "malformed", openai_compat.redact(f"{type(e).__name__}: {e}", client.api_key)
         except Exception as e:
-            failure = openai_compat.classify(e)
+            failure = openai_compat.classify(e, client.api_key)
             if failure is None:
                 raise
             fatal = openai_compat.stop_message(failure, base_url, options.model, "--model and --base-url")
@@ -360,6 +359,8 @@ async def _run(todo: list[str], options: BuildOptions, api_key: str, base_url: s
                     stop.set()
             if outcome.kind in ("pair", "rejected"):
                 consecutive_failures = 0
+            if outcome.kind == "abandoned":  # not done: the next run asks again
+                continue
             done += 1
             if done % progress_every == 0 or done == len(todo):
                 log(f"[{done}/{len(todo)}] pairs {summary.n_written}, rejected {summary.n_rejected}, "

@@ -1,8 +1,10 @@
 """The one home of talking to OpenAI-compatible servers (chat completions for the pair builder, images for the
-evaluation's black-box mode): the API key and base URL, error classification, Retry-After and backoff.
+evaluation's black-box mode and the serving proxy): the API key and base URL, error classification, Retry-After and
+backoff.
 
 The key is read in one place (`api_key`): surrounding whitespace (a CR/LF from a file saved on Windows) is stripped,
-a key with other control characters is refused, and `redact` removes it from any text before it is shown.
+a key with any other character outside printable ASCII is refused (without showing it), and every message taken from
+the client or the server (`classify`) has the key removed (`redact`) before it is shown or written.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ def api_key(explicit: str | None = None) -> str:
     key = raw.strip()
     if not key:
         raise PosiError("no API key: set OPENAI_API_KEY (any non-empty value for a local server that ignores it)")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise PosiError("the API key contains control characters (is it the whole file, or two keys on two lines?); "
-                        "set OPENAI_API_KEY to the key alone")
+    if any(not 33 <= ord(c) <= 126 for c in key):  # an HTTP header value; httpx would quote it in its error
+        raise PosiError("the API key contains spaces, control characters or non-ASCII characters (is it the whole "
+                        "file, or two keys on two lines?); set OPENAI_API_KEY to the key alone")
     return key
 
 
@@ -61,8 +63,14 @@ class APIFailure:
     safety: bool = False  # a 4xx whose code or message says the provider's safety system refused it
 
 
-def classify(error: BaseException) -> APIFailure | None:
-    """The APIFailure of an openai client exception; None for any other exception (the caller's own bug)."""
+def classify(error: BaseException, key: str | None = None) -> APIFailure | None:
+    """The APIFailure of an openai client exception or of an httpx2 transport error (the serving proxy calls httpx2
+    directly), its texts without `key` (the API key); None for any other exception (the caller's own bug)."""
+    failure = _classify(error)
+    return None if failure is None else dataclasses.replace(failure, detail=redact(failure.detail, key))
+
+
+def _classify(error: BaseException) -> APIFailure | None:
     import openai
 
     if isinstance(error, openai.APITimeoutError):
@@ -70,18 +78,35 @@ def classify(error: BaseException) -> APIFailure | None:
     if isinstance(error, openai.APIConnectionError):
         cause = error.__cause__ or error
         return APIFailure("retry", "connection", f"{type(cause).__name__}: {cause}", connection=True)
-    if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return APIFailure("auth", "auth", error.message, status=error.status_code)
-    if isinstance(error, openai.NotFoundError):
-        return APIFailure("not_found", "not_found", error.message, status=error.status_code)
     if isinstance(error, openai.APIStatusError):
-        status = error.status_code
-        if status in (408, 409, 429) or status >= 500:
-            return APIFailure("retry", f"http_{status}", error.message, status=status,
-                              retry_after=parse_retry_after(error.response.headers))
-        return APIFailure("rejected", f"http_{status}", error.message, status=status, safety=_is_safety_refusal(error))
+        body = error.body if isinstance(getattr(error, "body", None), dict) else None
+        return classify_status(error.status_code, error.message, error.response.headers, body)
     if isinstance(error, openai.APIResponseValidationError):
         return APIFailure("retry", "malformed", f"{type(error).__name__}: {error}")
+    return classify_transport(error)
+
+
+def classify_status(status: int, message: str, headers=None, body: dict | None = None) -> APIFailure:
+    """The APIFailure of an HTTP error reply: 401/403 auth, 404 not_found, 408/409/429/5xx retry (with the
+    server's Retry-After), any other 4xx rejected (`safety` when the provider's safety system refused it)."""
+    if status in (401, 403):
+        return APIFailure("auth", "auth", message, status=status)
+    if status == 404:
+        return APIFailure("not_found", "not_found", message, status=status)
+    if status in (408, 409, 429) or status >= 500:
+        return APIFailure("retry", f"http_{status}", message, status=status, retry_after=parse_retry_after(headers))
+    return APIFailure("rejected", f"http_{status}", message, status=status, safety=is_safety_refusal(body, message))
+
+
+def classify_transport(error: BaseException) -> APIFailure | None:
+    """The APIFailure of an httpx2 exception raised before any reply (timeout, refused or dropped connection)."""
+    import httpx2
+
+    if isinstance(error, httpx2.TimeoutException):
+        return APIFailure("retry", "timeout", "no reply within the timeout")
+    if isinstance(error, httpx2.TransportError):
+        return APIFailure("retry", "connection", f"{type(error).__name__}: {error}",
+                          connection=isinstance(error, httpx2.ConnectError))
     return None
 
 
@@ -95,10 +120,13 @@ def stop_message(failure: APIFailure, url: str, model: str, flags: str) -> str |
     return None
 
 
-def _is_safety_refusal(e) -> bool:
-    body = e.body if isinstance(getattr(e, "body", None), dict) else {}
-    code = str(body.get("code") or getattr(e, "code", "") or "")
-    return "content_policy" in code or "safety" in code or bool(re.search(r"safety|content polic", e.message, re.I))
+def is_safety_refusal(body: dict | None, message: str) -> bool:
+    """Whether a 4xx reply's OpenAI-style error (`body`: the `error` object or the whole reply) or its message says
+    the provider's safety system refused the request."""
+    body = body if isinstance(body, dict) else {}
+    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    code = str(error.get("code") or "")
+    return "content_policy" in code or "safety" in code or bool(re.search(r"safety|content polic", message or "", re.I))
 
 
 def parse_retry_after(headers) -> float | None:

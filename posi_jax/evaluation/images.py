@@ -138,9 +138,9 @@ class ImagesAPIGenerator:
                     raise ValueError(f"reply without b64_json images: {str(response)[:100]}")
                 return [decode_png(d.b64_json) for d in data[:k]], None
             except (ValueError, OSError) as e:  # a body that is not JSON, or not an image
-                last = f"malformed reply: {type(e).__name__}: {e}"
+                last = openai_compat.redact(f"malformed reply: {type(e).__name__}: {e}", self.client.api_key)
             except Exception as e:
-                failure = openai_compat.classify(e)
+                failure = openai_compat.classify(e, self.client.api_key)
                 if failure is None:
                     raise
                 fatal = openai_compat.stop_message(failure, self.url, self.model, "--api-model and --base-url")

@@ -27,10 +27,11 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 
+from posi_jax.config import check_numbers
 from posi_jax.data.jsonl import JsonlAppender, read_jsonl_records
 from posi_jax.errors import PosiError
 from posi_jax.evaluation.images import ImageGenerator
@@ -56,15 +57,15 @@ class EvalOptions:
     grid_thumb: int = 160
     save_images: bool = False  # save every image as PNG (else only the grid rows')
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "images_per_prompt": "[1, inf)", "seed": "[0, inf)", "batch_prompts": "[1, inf)", "q16_threshold": "(0, 1)",
+        "grid_rows": "[0, inf)", "grid_images": "[1, inf)", "grid_thumb": "[16, inf)"}
+
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        checks = [(self.images_per_prompt >= 1, f"images per prompt must be >= 1, got {self.images_per_prompt}"),
-                  (self.batch_prompts >= 1, f"batch prompts must be >= 1, got {self.batch_prompts}"),
-                  (0.0 < self.q16_threshold < 1.0, f"Q16 threshold must be in (0, 1), got {self.q16_threshold}"),
-                  (self.grid_rows >= 0 and self.grid_images >= 1 and self.grid_thumb >= 16,
-                   f"grid rows must be >= 0 and grid images >= 1, got {self.grid_rows} and {self.grid_images}")]
-        for ok, message in checks:
-            if not ok:
-                raise PosiError(message)
+        check_numbers(self, "EvalOptions.")
 
 
 @dataclasses.dataclass

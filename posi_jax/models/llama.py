@@ -3,6 +3,10 @@
 Cache layout (one per layer, stacked): k/v [L, B, Hkv, S, D]; `valid` [B, S] marks slots that hold real tokens, so
 left-padded batches never attend to padding. A token in slot s may attend slot s' iff s' <= s and valid[s'].
 Positions come from the caller (left padding: position = index among the row's real tokens).
+
+New tokens go to the same slots in every row (a scalar `cache_offset`), or each row to its own (a [B] offset: the
+speculative sampler, whose rows accept different numbers of draft tokens per step). Slots past a row's query are
+masked by the causal rule, so stale entries there (rejected draft tokens) are never read before they are rewritten.
 """
 from __future__ import annotations
 
@@ -94,9 +98,15 @@ class Attention(nnx.Module):
             out = dot_product_attention(q, k, v, mask, implementation="xla")
         else:
             # Update the stacked [L, B, Hkv, S, D] buffers in place (a loop carry XLA can alias), then read layer `layer`.
-            k, v = (a.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype) for a in (k, v))
-            ck = jax.lax.dynamic_update_slice(cache.k, k, (layer, 0, 0, cache_offset, 0))
-            cv = jax.lax.dynamic_update_slice(cache.v, v, (layer, 0, 0, cache_offset, 0))
+            if jnp.ndim(cache_offset) == 0:
+                k, v = (a.transpose(0, 2, 1, 3)[None].astype(cache.k.dtype) for a in (k, v))
+                ck = jax.lax.dynamic_update_slice(cache.k, k, (layer, 0, 0, cache_offset, 0))
+                cv = jax.lax.dynamic_update_slice(cache.v, v, (layer, 0, 0, cache_offset, 0))
+            else:  # row b's T tokens to slots offset[b] + [0, T): a scatter of [B, T] rows of [Hkv, D]
+                rows = jnp.arange(b)[:, None]
+                slots = cache_offset[:, None] + jnp.arange(t)
+                ck = cache.k.at[layer, rows, :, slots].set(k.astype(cache.k.dtype), mode="drop")
+                cv = cache.v.at[layer, rows, :, slots].set(v.astype(cache.v.dtype), mode="drop")
             cache = cache._replace(k=ck, v=cv)
             out = xla_attention(q, ck[layer].astype(q.dtype), cv[layer].astype(q.dtype), mask, kv_heads_first=True)
         return self.o_proj(out.reshape(b, t, cfg.num_heads * cfg.head_dim)), cache
@@ -145,7 +155,8 @@ class LlamaForCausalLM(nnx.Module):
         """Final-norm hidden states [B, T, D] (and the updated cache).
 
         Without a cache, `attention_mask` [B, T] marks real tokens. With a cache, the new tokens go to slots
-        [cache_offset, cache_offset + T) and `attention_mask` marks which of them are real.
+        [cache_offset, cache_offset + T) (`cache_offset` a scalar, or [B]: one offset per row) and `attention_mask`
+        marks which of them are real.
         """
         b, t = tokens.shape
         attention_mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -156,12 +167,16 @@ class LlamaForCausalLM(nnx.Module):
             key_valid = attention_mask
             q_slots = jnp.arange(t)
             k_slots = jnp.arange(t)
-        else:
+        elif jnp.ndim(cache_offset) == 0:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache_offset))
             q_slots = cache_offset + jnp.arange(t)
             k_slots = jnp.arange(cache.valid.shape[1])
-        causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-        mask = (causal[None, None] & key_valid[:, None, None, :])  # [B, 1, T, S]
+        else:
+            q_slots = cache_offset[:, None] + jnp.arange(t)  # [B, T]
+            key_valid = cache.valid.at[jnp.arange(b)[:, None], q_slots].set(attention_mask, mode="drop")
+            k_slots = jnp.arange(cache.valid.shape[1])
+        causal = k_slots <= q_slots[..., None]  # [T, S], or [B, T, S] with per-row offsets
+        mask = jnp.expand_dims(causal, -3) & key_valid[:, None, None, :]  # [B, 1, T, S]
         if cache is not None:
             cache = cache._replace(valid=key_valid)
         for i, layer in enumerate(self.layers):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from posi_jax.errors import PosiError
 from posi_jax.nn.dropout import HashDropout
 from posi_jax.nn.linear import Linear
 
@@ -52,8 +53,11 @@ def add_lora(model: nnx.Module, targets=("q_proj", "v_proj"), *, rank: int = 8, 
     # "rbg" keys (XLA's RngBitGenerator), as in earlier versions, so their saved dropout state still restores.
     rngs = nnx.Rngs(params=seed, dropout=jax.random.key(seed + 1, impl="rbg"))
     found = list(_targets(model, tuple(targets)))
-    if not found:
-        raise ValueError(f"no Linear layers named {', '.join(targets)} in {type(model).__name__}")
+    missing = sorted(set(targets) - {path[-1] for path, _ in found})
+    if missing or not found:
+        names = sorted({path[-1] for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and path})
+        raise PosiError(f"LoRA targets: no Linear layers named {', '.join(missing) or '(none given)'} in "
+                        f"{type(model).__name__}; its Linear layers are {', '.join(map(str, names))}")
     for _, layer in found:
         layer.lora = LoRA(layer.in_features, layer.out_features, rank=rank, alpha=alpha, dropout=dropout,
                           param_dtype=layer.kernel[...].dtype, rngs=rngs)

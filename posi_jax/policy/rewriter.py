@@ -12,7 +12,12 @@ from posi_jax.errors import PosiError
 from posi_jax.policy.chat import check_prompts, request_ids, response_text
 from posi_jax.policy.sampler import SamplingConfig, generate
 
-_LENGTH_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a handful of shapes get compiled
+LENGTH_BUCKET = 32  # prompt lengths are padded up to a multiple of this, so a handful of shapes get compiled
+
+
+def padded_length(tokens: int) -> int:
+    """The prompt length of a batch whose longest request has `tokens` tokens (the server compiles these ahead)."""
+    return -(-tokens // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
 @dataclass
@@ -21,6 +26,14 @@ class Rewrite:
     rewritten: str
     new_tokens: int
     seconds: float  # wall time of the batch this prompt was in, divided by the batch size
+    steps: int = 0  # decoding steps (forward passes) this prompt took
+    draft_tokens: int = 0  # prompt-lookup draft tokens proposed (SamplingConfig.prompt_lookup_tokens)
+    draft_accepted: int = 0  # of which accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed draft tokens (None when nothing was drafted)."""
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
 
 
 class Rewriter:
@@ -56,7 +69,7 @@ class Rewriter:
         rng = jax.random.key(seed)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            length = -(-max(len(r) for r in chunk) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+            length = padded_length(max(len(r) for r in chunk))
             if length + sampling.max_new_tokens > limit:
                 raise PosiError(f"prompt + {sampling.max_new_tokens} new tokens exceed the model's context of {limit}")
             # Pad the batch to a fixed size with copies of the first row (outputs dropped): one compiled shape.
@@ -68,9 +81,10 @@ class Rewriter:
                            pad_id=self.tokenizer.pad_id)
             tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
             seconds = (time.perf_counter() - t0) / len(chunk)
+            steps, drafted, accepted = (np.asarray(a) for a in (out.steps, out.drafted, out.accepted))
             for j in range(len(chunk)):
                 results.append(Rewrite(prompts[start + j], response_text(self.tokenizer, tokens[j], keep[j]),
-                                       int(keep[j].sum()), seconds))
+                                       int(keep[j].sum()), seconds, int(steps[j]), int(drafted[j]), int(accepted[j])))
             if progress is not None:
                 progress.update(len(chunk))
         return results

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import zlib
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from posi_jax.config import check_numbers
 from posi_jax.diffusion.pipeline import StableDiffusion, sample_images
 from posi_jax.diffusion.schedulers import make_scheduler
 from posi_jax.diffusion.sld import sld_config
@@ -74,19 +75,16 @@ class RewardConfig:
     # rewriter trained against SD + SLD.
     sld: str | None = None
 
+    BOUNDS: ClassVar[dict[str, str]] = {"images_per_prompt": "[1, inf)", "steps": "[1, inf)", "seed": "[0, inf)",
+                                        "height": "[8, inf)", "width": "[8, inf)", "prompt_batch": "[1, inf)",
+                                        "clip_text_chars": "[1, inf)"}
+
     def __post_init__(self):
+        check_numbers(self, "RewardConfig.")
         if self.alignment_text not in ALIGNMENT_TEXTS:
             raise PosiError(f"RewardConfig.alignment_text {self.alignment_text!r}: choose one of {', '.join(ALIGNMENT_TEXTS)}")
         if self.seed_policy not in SEED_POLICIES:
             raise PosiError(f"RewardConfig.seed_policy {self.seed_policy!r}: choose one of {', '.join(SEED_POLICIES)}")
-        for name in ("images_per_prompt", "steps", "prompt_batch", "clip_text_chars"):
-            value = getattr(self, name)
-            if name in ("prompt_batch", "clip_text_chars") and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PosiError(f"RewardConfig.{name} must be an integer >= 1, got {value!r}")
-        if not np.isfinite(self.w) or not np.isfinite(self.cap):
-            raise PosiError(f"RewardConfig: w={self.w!r} and cap={self.cap!r} must be finite")
         if sld_config(self.sld) is not None and self.guidance_scale <= 1.0:
             raise PosiError(f"RewardConfig.sld needs classifier-free guidance (guidance_scale > 1), "
                             f"got {self.guidance_scale}")

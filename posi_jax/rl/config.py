@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from posi_jax.config import from_dict, load_config, read_json
+from posi_jax.config import check_numbers, from_dict, load_config, read_json
 from posi_jax.errors import PosiError
 from posi_jax.policy.chat import check_template
 from posi_jax.policy.sampler import SamplingConfig
@@ -15,6 +16,9 @@ from posi_jax.reward.posi import RewardConfig
 from posi_jax.rl import ppo
 
 PPO_RUN_CONFIG = "ppo_config.json"  # what marks a PPO run folder (written by posi_jax.rl.run.train)
+# Keys (and sections) that a resumed run may change: they do not change the numbers of the iterations it redoes.
+# `iterations` extends or shortens the run (with the cosine schedule, the rest of the run follows the new length).
+RESUME_MAY_CHANGE = ("iterations", "save_every", "keep_checkpoints", "out_dir", "mesh", "distributed")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,11 @@ class LoRASettings:
     seed: int = 0
     dropout: float = 0.0  # on the adapter's input while scoring and updating (never while sampling); upstream 0.1
 
+    BOUNDS: ClassVar[dict[str, str]] = {"rank": "[1, inf)", "alpha": "(0, inf)", "seed": "[0, inf)",
+                                        "dropout": "[0, 1)"}
+
     def __post_init__(self):
-        if not 0.0 <= self.dropout < 1.0:
-            raise PosiError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_numbers(self, "lora.")
 
 
 @dataclass(frozen=True)
@@ -53,11 +59,12 @@ class ValueHeadSettings:
     dropout: float = 0.0  # upstream 0.1 (active while scoring and updating)
     seed: int = 0  # torch_default init
 
+    BOUNDS: ClassVar[dict[str, str]] = {"dropout": "[0, 1)", "seed": "[0, inf)"}
+
     def __post_init__(self):
+        check_numbers(self, "value_head.")
         if self.init not in ("zeros", "torch_default"):
             raise PosiError(f"value_head.init: {self.init!r} is not zeros or torch_default")
-        if not 0.0 <= self.dropout < 1.0:
-            raise PosiError(f"value_head.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -99,17 +106,17 @@ class PPOSettings:
     # optimizer still steps, as in TRL). inf: off.
     ratio_threshold: float = 10.0
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "batch_size": "[1, inf)", "mini_batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+        "ppo_epochs": "[1, inf)", "gamma": "[0, 1]", "lam": "[0, 1]", "cliprange": "(0, inf)",
+        "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)", "ent_coef": "[0, inf)", "init_kl_coef": "[0, inf)",
+        "kl_target": "(0, inf)", "kl_horizon": "(0, inf)", "logprob_chunk_size": "[0, inf)",
+        "score_temperature": "(0, inf)", "ratio_threshold": "(0, inf]"}  # ratio_threshold inf: off
+
     def __post_init__(self):
-        if self.score_temperature is not None and not self.score_temperature > 0:
-            raise PosiError(f"ppo.score_temperature must be > 0 (or null: the sampling temperature), "
-                            f"got {self.score_temperature}")
-        if not self.ratio_threshold > 0:
-            raise PosiError(f"ppo.ratio_threshold must be > 0 (inf: off), got {self.ratio_threshold}")
+        check_numbers(self, "ppo.")
         if self.kl_penalty not in ppo.KL_KINDS:
             raise PosiError(f"ppo.kl_penalty: {self.kl_penalty!r} is not one of {', '.join(ppo.KL_KINDS)}")
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise PosiError(f"ppo.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.batch_size % self.mini_batch_size:
             raise PosiError(f"ppo.batch_size {self.batch_size} is not a multiple of mini_batch_size "
                             f"{self.mini_batch_size}")
@@ -147,13 +154,16 @@ class OptimSettings:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "learning_rate": "[0, inf)", "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "b1": "[0, 1)",
+        "b2": "[0, 1)", "eps": "(0, inf)", "max_grad_norm": "(0, inf)", "schedule_steps": "[0, inf)"}
+
     def __post_init__(self):
+        check_numbers(self, "optim.")
         if self.schedule not in ("cosine", "constant"):
             raise PosiError(f"optim.schedule: {self.schedule!r} is not cosine or constant")
         if self.schedule_unit not in ("iteration", "update"):
             raise PosiError(f"optim.schedule_unit: {self.schedule_unit!r} is not iteration or update")
-        if self.schedule_steps < 0 or self.warmup_steps < 0:
-            raise PosiError("optim.schedule_steps and optim.warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,10 @@ class RewardSettings:
     dtype: str = "float32"
     config: RewardConfig = RewardConfig()  # w, cap, images_per_prompt, steps, guidance_scale, seed_policy, ...
 
+    BOUNDS: ClassVar[dict[str, str]] = {"weights_seed": "[0, inf)"}
+
     def __post_init__(self):
+        check_numbers(self, "reward.")
         if self.kind not in ("posi", "tiny_random"):
             raise PosiError(f"reward.kind {self.kind!r}: choose posi or tiny_random")
 
@@ -185,6 +198,13 @@ class RewardSettings:
 class MeshSettings:
     data: int = -1  # -1: all devices not used by fsdp
     fsdp: int = 1
+
+    BOUNDS: ClassVar[dict[str, str]] = {"data": "[-1, inf)", "fsdp": "[1, inf)"}
+
+    def __post_init__(self):
+        check_numbers(self, "mesh.")
+        if self.data == 0:
+            raise PosiError("mesh.data must be ≥ 1, or -1 (all the devices fsdp leaves), got 0")
 
 
 @dataclass(frozen=True)
@@ -214,7 +234,12 @@ class PPORunConfig:
     keep_checkpoints: int = 3
     distributed: bool = False  # join a multi-host run first (training/distributed.py; also when JAX_NUM_PROCESSES is set)
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "max_prompts": "[0, inf)", "max_prompt_tokens": "[1, inf)", "iterations": "[1, inf)", "seed": "[0, inf)",
+        "save_every": "[1, inf)", "keep_checkpoints": "[1, inf)"}
+
     def __post_init__(self):
+        check_numbers(self, "")
         check_template(self.template, "template")
 
 def load_run_config(path=None, overrides=None) -> PPORunConfig:

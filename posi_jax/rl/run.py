@@ -6,14 +6,14 @@ import time
 from pathlib import Path
 
 from posi_jax.checkpoints import load_policy
-from posi_jax.config import parse_dtype, to_dict
+from posi_jax.config import changed_keys, parse_dtype, to_dict
 from posi_jax.data.posi import load_prompts
 from posi_jax.errors import PosiError
 from posi_jax.nn import sharding as shd
 from posi_jax.policy.chat import use_template
-from posi_jax.rl.config import PPO_RUN_CONFIG, PPORunConfig, RewardSettings
+from posi_jax.rl.config import PPO_RUN_CONFIG, RESUME_MAY_CHANGE, PPORunConfig, RewardSettings, read_run_config
 from posi_jax.rl.trainer import PPOTrainer, RewardFn, run
-from posi_jax.training import distributed
+from posi_jax.training import checkpointing, distributed
 
 
 def build_reward(settings: RewardSettings, mesh=None):
@@ -54,10 +54,11 @@ def trainer_from_config(cfg: PPORunConfig, reward_fn: RewardFn | None = None) ->
 def train(cfg: PPORunConfig, *, resume: bool = False, reward_fn: RewardFn | None = None,
           progress: bool = True) -> dict:
     """Build everything from the config, train, and return a summary (also written as out_dir/summary.json)."""
+    out_dir = Path(cfg.out_dir)
+    check_run_dir(cfg, resume)  # before the setup (a minute with real models), and before anything is written
     t0 = time.perf_counter()
     trainer = trainer_from_config(cfg, reward_fn)
     t_setup = time.perf_counter() - t0
-    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main_process():
         (out_dir / PPO_RUN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2, default=str))
@@ -74,3 +75,22 @@ def train(cfg: PPORunConfig, *, resume: bool = False, reward_fn: RewardFn | None
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
+
+def check_run_dir(cfg: PPORunConfig, resume: bool) -> None:
+    """A resumed run needs a checkpoint and the same config as before (but for RESUME_MAY_CHANGE); a new run needs an
+    out_dir without checkpoints."""
+    out_dir = Path(cfg.out_dir)
+    step = checkpointing.latest_step(out_dir)
+    if not resume:
+        if step is not None:
+            raise PosiError(f"{out_dir} already holds checkpoints: pass --resume, or choose another out_dir")
+        return
+    saved = out_dir / PPO_RUN_CONFIG
+    if step is None or not saved.is_file():
+        raise PosiError(f"{out_dir}: nothing to resume (no checkpoint in {out_dir / 'checkpoints'}"
+                        + ("" if saved.is_file() else f", no {PPO_RUN_CONFIG}") + ")")
+    # read_run_config: a setting added since the run was written reads as what the run did, not today's default
+    changed = changed_keys(to_dict(read_run_config(out_dir)), cfg, RESUME_MAY_CHANGE)
+    if changed:
+        raise PosiError(f"{out_dir}: cannot resume with a different config: {', '.join(changed)} changed (a resumed "
+                        f"run may change only {', '.join(RESUME_MAY_CHANGE)})")

@@ -8,6 +8,7 @@ One iteration, as TRL's PPOTrainer.step (which POSI used), with the math of `rl/
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -118,6 +119,7 @@ class PPOTrainer:
         gen = generate(self.policy_model(), ids, mask, gen_rng, self.sampling, eos_ids=self.eos_ids,
                        pad_id=self.pad_id)
         tokens, keep = shd.to_host(gen.tokens), shd.to_host(gen.mask)
+        steps, drafted, accepted = (int(shd.to_host(a).sum()) for a in (gen.steps, gen.drafted, gen.accepted))
         t_rollout = time.perf_counter() - t0
         rewritten = [response_text(self.tokenizer, tokens[j], keep[j]) for j in range(len(indices))]
 
@@ -145,6 +147,8 @@ class PPOTrainer:
             "reward/mean": float(np.mean(scores)), "reward/std": float(np.std(scores)),
             **{f"reward/{k}_mean": float(np.mean(v)) for k, v in components.items()},
             "response/length_mean": n_tokens / len(indices),
+            # prompt-lookup speculative decoding (sampling.prompt_lookup_tokens): drafts accepted, tokens per step
+            "rollout/draft_acceptance": accepted / max(drafted, 1), "rollout/tokens_per_step": n_tokens / max(steps, 1),
             "time/rollout_s": t_rollout, "time/reward_s": t_reward, "time/update_s": t_update,
             "time/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
             "time/tokens_per_s": n_tokens / max(t_rollout + t_reward + t_update, 1e-9),
@@ -201,6 +205,8 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
     """Train until `trainer.iterations`, appending metrics to output_dir/metrics.jsonl; checkpoints under
     output_dir/checkpoints (training.checkpointing layout). With `resume`, continue from the latest checkpoint exactly (state,
     RNG, data order: the prompts of iteration i are a function of the seed and i)."""
+    if save_every < 1:
+        raise PosiError(f"save_every must be ≥ 1, got {save_every}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = 0
@@ -222,6 +228,16 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
         bar = tqdm(total=trainer.iterations, initial=start, unit="it", desc="ppo")
     for iteration in range(start, trainer.iterations):
         metrics = trainer.step()
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if bad:  # checked before anything of this iteration is logged or saved
+            metrics_log.close()
+            if bar is not None:
+                bar.close()
+            last = checkpointing.latest_step(output_dir)
+            kept = (f"the last good checkpoint, iteration {last}, is kept in {output_dir / 'checkpoints'}"
+                    if last is not None else "no checkpoint was saved")
+            raise PosiError(f"iteration {iteration + 1}: non-finite {', '.join(bad[:4])}; stopped without saving it; "
+                            f"{kept}. Lower optim.learning_rate or check the reward")
         history.append(metrics)
         record = dict(metrics)
         if log_texts:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 
+from posi_jax import interrupts
 from posi_jax.errors import PosiError
 
 _EXTRA = "extra"
@@ -45,8 +46,9 @@ def save(run_dir, step: int, items: dict, extra: dict | None = None, *, keep: in
         raise PosiError(f"{run_dir}: checkpoint for step {step} already exists")
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args[_EXTRA] = ocp.args.JsonSave(dict(extra or {}))
-    mgr.save(step, args=ocp.args.Composite(**args))
-    mgr.wait_until_finished()
+    with interrupts.deferred():  # a Ctrl-C meanwhile exits once the checkpoint is complete
+        mgr.save(step, args=ocp.args.Composite(**args))
+        mgr.wait_until_finished()
     mgr.close()
     return Path(run_dir) / "checkpoints" / str(step)
 

@@ -13,10 +13,12 @@ Run layout: `out_dir/sft_config.json`, `out_dir/metrics.jsonl` (+ TensorBoard ev
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from posi_jax.config import DTYPES, parse_dtype, read_json_config, to_dict
+from posi_jax.config import DTYPES, changed_keys, check_numbers, parse_dtype, read_json, read_json_config, to_dict
 from posi_jax.data.batches import Batch, bucketed_batches
 from posi_jax.data.posi import load_posi_records, split_records
 from posi_jax.errors import PosiError
@@ -78,16 +80,21 @@ class SFTConfig:
     # multiple of the device count.
     distributed: bool = False
 
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "lora_rank": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "learning_rate": "[0, inf)",
+        "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)", "batch_size": "[1, inf)",
+        "grad_accum": "[1, inf)", "epochs": "[0, inf)", "max_steps": "[0, inf)", "cutoff_len": "[1, inf)",
+        "val_size": "[0, inf)", "split_seed": "[0, inf)", "seed": "[0, inf)", "pad_multiple": "[1, inf)",
+        "eval_every": "[0, inf)", "save_every": "[1, inf)", "keep_checkpoints": "[1, inf)"}
+
     def __post_init__(self):
+        check_numbers(self, "")
         check_template(self.template, "config key 'template'")
         if self.finetune not in ("lora", "full"):
             raise PosiError(f"config key 'finetune': expected 'lora' or 'full', got {self.finetune!r}")
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise PosiError(f"config key {name!r}: expected one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "cutoff_len", "pad_multiple", "lora_rank", "save_every"):
-            if getattr(self, name) < 1:
-                raise PosiError(f"config key {name!r} must be ≥ 1, got {getattr(self, name)}")
         if self.epochs < 1 and self.max_steps < 1:
             raise PosiError("set epochs ≥ 1 or max_steps ≥ 1")
 
@@ -283,10 +290,9 @@ class SFTTrainer:
         if resume:
             if not saved_path.is_file():
                 raise PosiError(f"{out}: nothing to resume (no {SFT_RUN_CONFIG})")
-            saved = json.loads(saved_path.read_text())
+            saved = read_json(saved_path, "SFT run config")
             saved.setdefault("template", "auto")  # runs from before the setting used the automatic choice
-            changed = sorted(k for k in set(saved) | set(mine) if k not in _RESUME_MAY_CHANGE
-                             and json.dumps(saved.get(k)) != json.dumps(mine.get(k)))
+            changed = changed_keys(saved, self.cfg, _RESUME_MAY_CHANGE)
             if changed:
                 raise PosiError(f"{out}: cannot resume with a different config: {', '.join(changed)} changed")
         elif checkpointing.latest_step(out) is not None:
@@ -328,6 +334,15 @@ class SFTTrainer:
             m = self.step(batch)
             for k in acc:
                 acc[k] += float(m[k])
+            if not (math.isfinite(acc["loss"]) and math.isfinite(acc["grad_norm"])):
+                metrics.close()
+                if bar is not None:
+                    bar.close()
+                kept = (f"the last good checkpoint, step {last_saved}, is kept in {Path(cfg.out_dir) / 'checkpoints'}"
+                        if last_saved >= 0 else "no checkpoint was saved")
+                raise PosiError(f"step {micro // cfg.grad_accum + 1}: the training loss or gradient became non-finite "
+                                f"(loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])}); stopped without "
+                                f"saving it; {kept}. Lower learning_rate or check the data")
             if (micro + 1) % cfg.grad_accum:
                 continue
             step = (micro + 1) // cfg.grad_accum

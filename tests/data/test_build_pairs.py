@@ -22,7 +22,7 @@ from posi_jax.data.jsonl import JsonlAppender
 from posi_jax.data.openai_compat import backoff_delay, parse_retry_after
 from posi_jax.data.posi import POSI_INSTRUCTION
 from posi_jax.errors import PosiError
-from tests.conftest import REPO
+from tests.conftest import REPO, default_sigint
 from tests.fake_openai_server import SAFE_PREFIX, FakeOpenAI
 POSI_DATA = REPO.parent / "shared" / "data" / "posi"
 # Small waits so the whole file runs in seconds; the retry logic is the same as with the defaults.
@@ -107,6 +107,21 @@ def test_all_pairs_written_once_and_transient_errors_recovered(fake, tmp_path):
     assert (again.n_already_done, again.n_todo, again.n_requests) == (16, 0, 0)
     assert len(fake.log) == n_before
     assert_each_once(out, prompts)
+
+
+def test_progress_does_not_count_abandoned_prompts(fake, tmp_path):
+    """Three prompts in a row failing stop the run while another waits out a Retry-After: that one is abandoned (asked
+    again by the next run), and the progress lines count only the three that finished."""
+    fake.retry_after = "30"
+    fake.script({"wait-": ["429"], "bad-": ["500"]})
+    src = prompts_file(tmp_path, ["wait-0 a riot", "bad-0 a fight", "bad-1 a fight", "bad-2 a fight"])
+    lines = []
+    options = BuildOptions(concurrency=3, max_retries=1, backoff_base_s=0.01, backoff_max_s=5.0, timeout_s=2.0,
+                           base_url=fake.base_url)
+    with pytest.raises(PosiError, match="3 prompts in a row failed"):
+        build_dataset(src, tmp_path / "o.jsonl", options, log=lines.append)
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress[-1].startswith("[3/4] pairs 0, rejected 0, failed 3"), progress
 
 
 def test_concurrency_is_bounded(fake, tmp_path):
@@ -208,7 +223,7 @@ def start_cli(fake: FakeOpenAI, src: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "posi_jax.build_dataset", str(src), "--out", str(out), "--base-url", fake.base_url,
          "--concurrency", "3", "--backoff-base", "0.01", "--timeout", "5"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def wait_for_lines(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 30.0):

@@ -80,6 +80,27 @@ def test_cached_decoding_equals_full_forward(pair):
     assert max_abs(jnp.concatenate(steps, 1), full) <= 1e-5
 
 
+def test_per_row_cache_offsets_equal_full_forward(pair):
+    """Rows writing the cache at their own offsets (the speculative sampler): a row's rejected tokens are rewritten
+    by its next window before anything attends to them."""
+    ours, _ = pair
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(3, 49152, (2, 12)))
+    junk = jnp.asarray(rng.integers(3, 49152, (2,)))
+    cache = KVCache.empty(ours.config, 2, 16)
+    _, cache = ours(ids[:, :5], cache=cache, cache_offset=0)
+    # both rows at slot 5, a window of 3: row 0 keeps 1 token (then junk), row 1 all 3
+    offset = jnp.array([5, 5])
+    window = jnp.stack([jnp.stack([ids[0, 5], junk[0], junk[1]]), ids[1, 5:8]])
+    _, cache = ours(window, positions=offset[:, None] + jnp.arange(3), cache=cache, cache_offset=offset)
+    offset = jnp.array([6, 8])  # row 0 rewrites the junk slots
+    window = jnp.stack([ids[0, 6:10], ids[1, 8:12]])
+    logits, _ = ours(window, positions=offset[:, None] + jnp.arange(4), cache=cache, cache_offset=offset)
+    full, _ = ours(ids)
+    assert max_abs(logits[0], full[0, 6:10]) <= 1e-5
+    assert max_abs(logits[1], full[1, 8:12]) <= 1e-5
+
+
 def test_greedy_generation_matches_transformers(pair):
     ours, ref = pair
     rng = np.random.default_rng(2)

@@ -1,4 +1,5 @@
-"""The jitted sampler: filtering vs numpy, per-row EOS stopping, log-probs vs a teacher-forced forward, seeds."""
+"""The jitted sampler (with its default prompt-lookup drafting): filtering vs numpy, per-row EOS stopping, log-probs vs
+a teacher-forced forward, seeds. Drafting against plain decoding: test_speculative.py."""
 from __future__ import annotations
 
 import jax
@@ -30,13 +31,15 @@ def _prompts():
     return ids, mask
 
 
-def test_filter_logits_matches_numpy():
-    logits = np.random.default_rng(1).normal(size=(4, 50)).astype(np.float32) * 3
-    for top_k, top_p in ((5, 1.0), (0, 0.7), (10, 0.5), (0, 0.05)):
+@pytest.mark.parametrize("vocab,scale", [(50, 3.0), (300, 4.0), (300, 0.3)])
+def test_filter_logits_matches_numpy(vocab, scale):
+    # 300 tokens: the nucleus is found among the 64 largest logits (peaked rows), or by the sort (flat rows)
+    logits = np.random.default_rng(1).normal(size=(4, vocab)).astype(np.float32) * scale
+    for top_k, top_p in ((5, 1.0), (0, 0.7), (10, 0.5), (0, 0.05), (0, 0.95), (100, 0.9)):
         got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
         for row, out in zip(logits, got):
-            keep = np.ones(50, bool)
-            if top_k:
+            keep = np.ones(vocab, bool)
+            if 0 < top_k < vocab:
                 keep &= row >= np.sort(row)[-top_k]
             if top_p < 1:  # nucleus of the distribution left after top-k (sequential, as transformers does)
                 kept = np.where(keep, row, -np.inf)
@@ -44,7 +47,7 @@ def test_filter_logits_matches_numpy():
                 p = np.exp(kept[order] - row.max())
                 p /= p.sum()
                 before = np.cumsum(p) - p
-                nucleus = np.zeros(50, bool)
+                nucleus = np.zeros(vocab, bool)
                 nucleus[order[before < top_p]] = True
                 keep &= nucleus
             assert np.array_equal(out > np.finfo(np.float32).min, keep), (top_k, top_p)
@@ -103,3 +106,9 @@ def test_bad_sampling_settings():
         SamplingConfig(top_p=1.5)
     with pytest.raises(PosiError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+    with pytest.raises(PosiError, match="top_k"):
+        SamplingConfig(top_k=-1)
+    with pytest.raises(PosiError, match="prompt_lookup_tokens"):
+        SamplingConfig(prompt_lookup_tokens=-2)
+    with pytest.raises(PosiError, match="prompt_lookup_ngram"):
+        SamplingConfig(prompt_lookup_ngram=0)

@@ -180,7 +180,7 @@ def test_bad_inputs(reward, tiny_sd, tiny_clips):
         RewardConfig(alignment_text="both")
     with pytest.raises(PosiError, match="seed_policy"):
         RewardConfig(seed_policy="random")
-    with pytest.raises(PosiError, match="images_per_prompt must be an integer >= 1"):
+    with pytest.raises(PosiError, match="images_per_prompt must be ≥ 1"):
         RewardConfig(images_per_prompt=0)
     with pytest.raises(PosiError, match="unknown config key"):
         load_config(RewardConfig, overrides=["weight=3"])

@@ -187,6 +187,26 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
         assert got["samples"] == exp["samples"]
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A reward that blows up (3e38, finite) in iteration 2 makes the value loss overflow: the run stops with one error
+    naming the iteration, before that iteration is logged or checkpointed; iteration 1 stays the latest checkpoint."""
+    from posi_jax.training import checkpointing
+
+    calls = {"n": 0}
+
+    def exploding_reward(rewritten, original):
+        calls["n"] += 1
+        return ppo_setup.count_reward(rewritten, original) + (3e38 if calls["n"] == 2 else 0.0)
+
+    trainer = make_trainer(lr=1e-2, iterations=3, reward_fn=exploding_reward)
+    with pytest.raises(PosiError, match=r"iteration 2: non-finite .*; stopped without saving it; the last good "
+                                        r"checkpoint, iteration 1, is kept"):
+        run(trainer, tmp_path, save_every=1, progress=False)
+    assert checkpointing.all_steps(tmp_path) == [1]
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1]
+
+
 def test_lr_schedule_matches_optax():
     for warmup in (0, 3):
         ref = optax.warmup_cosine_decay_schedule(0.0, 2e-5, warmup, 20, end_value=0.0) if warmup \

@@ -165,11 +165,13 @@ def test_report_compare_and_errors(sft_run, tmp_path, capsys, monkeypatch):
     assert "Before / after (greedy)" in page and all(c["input"] in page for c in table)
     capsys.readouterr()
     for argv, message in (([str(tmp_path / "nope")], "run folder not found"),
-                          ([str(tmp_path)], "metrics.jsonl: not found"),
-                          ([str(sft_run), "--compare", "-1"], "--compare must be ≥ 0")):
+                          ([str(tmp_path)], "metrics.jsonl: not found")):
         assert report_cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as refused:  # the flag's argparse type refuses it (argparse's usage + error line)
+        report_cli.main([str(sft_run), "--compare", "-1"])
+    assert refused.value.code == 2 and "argument --compare: must be ≥ 0" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
     assert report_cli.main([str(sft_run), "--out", str(tmp_path / "m")]) == 2
     assert "pip install 'posi_jax[report]'" in capsys.readouterr().err

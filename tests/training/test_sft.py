@@ -18,7 +18,7 @@ from posi_jax.policy.load import load_base_policy
 from posi_jax.config import load_config
 from posi_jax.errors import PosiError
 from posi_jax.nn.lora import LoRAParam, add_lora, merge_lora
-from posi_jax.training.sft import SFTConfig, SFTTrainer
+from posi_jax.training.sft import SFTConfig, SFTTrainer, load_run_model
 from tests.conftest import REPO, max_abs
 
 IDS = jnp.asarray(np.random.default_rng(0).integers(3, 49152, (2, 19)))
@@ -95,6 +95,41 @@ def test_interrupt_then_resume_equals_uninterrupted(trained, tiny_llama_folder, 
         assert max(jax.tree.leaves(diffs)) <= 1e-6, name
     with pytest.raises(PosiError, match="learning_rate changed"):
         SFTTrainer(tiny_cfg(tiny_llama_folder, sft_data, tmp_path, "learning_rate=0.5")).run(resume=True)
+
+
+def test_resume_logs_each_step_once(trained, tiny_llama_folder, sft_data, tmp_path):
+    """A run killed after logging step 3 but before checkpointing it resumes from step 2: metrics.jsonl ends with each
+    step once, the redone step 3 as the uninterrupted run logged it."""
+    import shutil
+
+    _, _, full_dir = trained
+    cfg = tiny_cfg(tiny_llama_folder, sft_data, tmp_path)
+    SFTTrainer(cfg).run(stop_after_step=3)
+    shutil.rmtree(tmp_path / "checkpoints" / "3")  # the kill came before step 3's checkpoint was written
+    SFTTrainer(cfg).run(resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    full = [json.loads(line) for line in (full_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss" in r) for r in rows] == [(r["step"], "loss" in r) for r in full] == [
+        (0, False), (1, True), (2, True), (3, True), (4, True), (4, False)]
+    for got, want in zip(rows, full):
+        assert got.get("loss") == pytest.approx(want.get("loss"), abs=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama_folder, sft_data, tmp_path):
+    """A learning rate far too high (1e38) overflows the adapter: the run stops with one error naming the step, saves
+    nothing after the last finite step, and logs no NaN (metrics.jsonl stays JSON)."""
+    from posi_jax.training import checkpointing
+
+    cfg = tiny_cfg(tiny_llama_folder, sft_data, tmp_path, "learning_rate=1e38", "save_every=1")
+    with pytest.raises(PosiError, match=r"step (\d+): the training loss or gradient became non-finite") as error:
+        SFTTrainer(cfg).run()
+    bad_step = int(error.value.args[0].split(":")[0].split()[1])
+    assert bad_step >= 2 and f"the last good checkpoint, step {bad_step - 1}, is kept" in str(error.value)
+    assert checkpointing.latest_step(tmp_path) == bad_step - 1
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, bad_step))
+    restored = load_run_model(tmp_path)[0]
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(restored, LoRAParam)))
 
 
 def test_merged_equals_base_plus_adapter_and_hf_export(trained, tmp_path):
