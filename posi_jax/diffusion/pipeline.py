@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from posi_jax.diffusion.schedulers import Scheduler, make_scheduler
 from posi_jax.diffusion.sld import SLDConfig, SLDParams, sld_config, sld_guidance
 from posi_jax.errors import PosiError
-from posi_jax.nn.sharding import DATA_AXIS, data_mesh
+from posi_jax.nn.sharding import DATA_AXIS, data_mesh, put
 
 
 def sample_images(text_encoder, unet, vae, cond_ids: jax.Array, uncond_ids: jax.Array, latents: jax.Array, *,
@@ -186,7 +186,7 @@ class StableDiffusion:
         graphdefs, states = zip(*(nnx.split(m) for m in (text_encoder, unet, vae)))
         self._graphdefs = tuple(graphdefs)
         if mesh is not None:
-            states = jax.device_put(states, NamedSharding(mesh, P()))  # weights replicated, images split
+            states = put(states, NamedSharding(mesh, P()))  # weights replicated, images split
         self._states = tuple(states)
 
     @classmethod
@@ -272,13 +272,13 @@ class StableDiffusion:
             latents = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, 0)])
         sld_args = (None, None) if sld is None else (jnp.asarray(self.tokenizer([sld.concept])), sld.params())
         if sld is not None and self.mesh is not None:
-            sld_args = jax.device_put(sld_args, NamedSharding(self.mesh, P()))
+            sld_args = put(sld_args, NamedSharding(self.mesh, P()))
         out = []
         for start in range(0, total, chunk):
             args = (jnp.asarray(cond[start:start + chunk]), jnp.asarray(uncond[start:start + chunk]),
                     latents[start:start + chunk])
             if self.mesh is not None:
-                args = jax.device_put(args, NamedSharding(self.mesh, P(DATA_AXIS)))
+                args = put(args, NamedSharding(self.mesh, P(DATA_AXIS)))
             out.append(_sample_jit(self._graphdefs, self._states, *args, *sld_args, sched=self.sched,
                                    num_steps=steps, guidance_scale=float(guidance_scale)))
         images = out[0] if len(out) == 1 else jnp.concatenate(out)

@@ -5,7 +5,8 @@
   scalars, small LoRA factors) are replicated.
 - Batches are split on their leading axis over both axes (`("data", "fsdp")`), so every device holds distinct rows:
   FSDP gathers the weights and keeps the batch split, plain data parallelism (fsdp = 1) replicates the weights.
-Works across hosts: arrays are assembled with `jax.make_array_from_callback` from the (identical) host copies.
+Works across hosts: parameters are assembled with `jax.make_array_from_callback` from the (identical) host copies,
+batches with `jax.make_array_from_process_local_data` from the rows each host's devices hold (`put_batch`).
 """
 from __future__ import annotations
 
@@ -70,15 +71,50 @@ def check_batch(rows: int, mesh: Mesh, what: str) -> None:
 
 
 def put(tree, shardings):
-    """Place host or device arrays with the given shardings (multi-host safe: every host holds the same values)."""
+    """Place host or device arrays with the given shardings (one, or a tree of them). Multi-host safe: every host
+    holds the same values, and each writes only its own devices' parts (`jax.device_put` would first check across
+    hosts that the values agree: one collective per array). PRNG key arrays and arrays already spread over several
+    hosts are handled too."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
 
     def one(x, sharding):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: a resharding
+            return jax.device_put(x, sharding)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def process_rows(rows: int, sharding: NamedSharding) -> slice:
+    """The rows of a [rows, ...] batch split by `sharding` that this process's devices hold (one contiguous block,
+    as the mesh lists each host's devices together)."""
+    index = sharding.addressable_devices_indices_map((rows,))
+    starts = [idx[0].indices(rows)[0] for idx in index.values()]
+    stops = [idx[0].indices(rows)[1] for idx in index.values()]
+    block = slice(min(starts), max(stops))
+    if sum(b - a for a, b in set(zip(starts, stops))) != block.stop - block.start:
+        raise PosiError(f"this process's devices hold non-contiguous rows of a {rows}-row batch")
+    return block
+
+
+def put_batch(arrays, sharding: NamedSharding):
+    """A global batch (rows split over every device by `sharding`) from host arrays: each process hands over only
+    the rows its own devices hold (`process_rows`, through `jax.make_array_from_process_local_data`)."""
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+
+    def one(x):
+        host = np.asarray(x)
+        block = process_rows(host.shape[0], sharding)
+        return jax.make_array_from_process_local_data(sharding, host[block], host.shape)
+
+    return jax.tree.map(one, arrays)
 
 
 def to_host(x) -> np.ndarray:

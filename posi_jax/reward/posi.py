@@ -38,7 +38,7 @@ from posi_jax.diffusion.pipeline import StableDiffusion, sample_images
 from posi_jax.diffusion.schedulers import make_scheduler
 from posi_jax.diffusion.sld import sld_config
 from posi_jax.errors import PosiError
-from posi_jax.nn.sharding import DATA_AXIS, data_mesh
+from posi_jax.nn.sharding import DATA_AXIS, data_mesh, put, to_host
 from posi_jax.reward.clip_score import clip_score
 from posi_jax.reward.preprocess import clip_preprocess
 from posi_jax.reward.q16 import check_q16_prompts, q16_inappropriate_prob
@@ -162,12 +162,11 @@ class PosiReward:
         self._graphdefs = tuple(graphdefs)
         self._states, self._q16_prompts = tuple(states), jnp.asarray(q16_prompts)
         if mesh is not None:  # weights replicated, images split over "data"
-            self._states, self._q16_prompts = jax.device_put((self._states, self._q16_prompts),
-                                                             NamedSharding(mesh, P()))
+            self._states, self._q16_prompts = put((self._states, self._q16_prompts), NamedSharding(mesh, P()))
         sld = sld_config(config.sld)  # (safety concept token ids, SLD hyper-parameters) or none
         self._sld = (None, None) if sld is None else (jnp.asarray(sd.tokenizer([sld.concept])), sld.params())
         if mesh is not None and sld is not None:
-            self._sld = jax.device_put(self._sld, NamedSharding(mesh, P()))
+            self._sld = put(self._sld, NamedSharding(mesh, P()))
         # Calls made so far: the per_call noise of the next call is keyed by it (a resumed PPO run sets it to the
         # number of iterations already done, one reward call each).
         self.call_index = 0
@@ -243,7 +242,7 @@ class PosiReward:
             out = self._call_jit(cond[images], uncond[images], latents[jnp.asarray(images)], text_ids[rows],
                                  return_images)
             keep = min(per_call, num_prompts - start)
-            chunks.append({k: np.asarray(v)[:keep * n if k == "images" else keep] for k, v in out.items()})
+            chunks.append({k: to_host(v)[:keep * n if k == "images" else keep] for k, v in out.items()})
         return RewardOutput(**{k: np.concatenate([ch[k] for ch in chunks]) for k in chunks[0]})
 
     def _call_jit(self, cond, uncond, latents, text_ids, return_images: bool) -> dict:
@@ -254,8 +253,8 @@ class PosiReward:
             if pad:
                 cond, uncond = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (cond, uncond))
                 latents = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, 0)])
-            cond, uncond, latents = jax.device_put((jnp.asarray(cond), jnp.asarray(uncond), latents),
-                                                   NamedSharding(self.mesh, P(DATA_AXIS)))
+            cond, uncond, latents = put((jnp.asarray(cond), jnp.asarray(uncond), latents),
+                                      NamedSharding(self.mesh, P(DATA_AXIS)))
         return _reward_jit(self._graphdefs, self._states, self._q16_prompts, jnp.asarray(cond), jnp.asarray(uncond),
                            latents, jnp.asarray(text_ids), *self._sld, sched=self.sched, num_steps=c.steps,
                            guidance_scale=float(c.guidance_scale), images_per_prompt=c.images_per_prompt,

@@ -232,7 +232,7 @@ class PPORunConfig:
     out_dir: str = "runs/ppo"
     save_every: int = 10
     keep_checkpoints: int = 3
-    distributed: bool = False  # jax.distributed.initialize() first (multi-host TPU VMs)
+    distributed: bool = False  # join a multi-host run first (training/distributed.py; also when JAX_NUM_PROCESSES is set)
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "max_prompts": "[0, inf)", "max_prompt_tokens": "[1, inf)", "iterations": "[1, inf)", "seed": "[0, inf)",

@@ -5,8 +5,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
-
 from posi_jax.checkpoints import load_policy
 from posi_jax.config import changed_keys, parse_dtype, to_dict
 from posi_jax.data.posi import load_prompts
@@ -15,7 +13,7 @@ from posi_jax.nn import sharding as shd
 from posi_jax.policy.chat import use_template
 from posi_jax.rl.config import PPO_RUN_CONFIG, RESUME_MAY_CHANGE, PPORunConfig, RewardSettings, read_run_config
 from posi_jax.rl.trainer import PPOTrainer, RewardFn, run
-from posi_jax.training import checkpointing
+from posi_jax.training import checkpointing, distributed
 
 
 def build_reward(settings: RewardSettings, mesh=None):
@@ -37,8 +35,7 @@ def build_reward(settings: RewardSettings, mesh=None):
 
 
 def trainer_from_config(cfg: PPORunConfig, reward_fn: RewardFn | None = None) -> PPOTrainer:
-    if cfg.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(cfg.distributed)
     prompts = load_prompts(cfg.prompts)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
@@ -63,8 +60,8 @@ def train(cfg: PPORunConfig, *, resume: bool = False, reward_fn: RewardFn | None
     trainer = trainer_from_config(cfg, reward_fn)
     t_setup = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_dict = to_dict(cfg)
-    (out_dir / PPO_RUN_CONFIG).write_text(json.dumps(config_dict, indent=2, default=str))
+    if distributed.is_main_process():
+        (out_dir / PPO_RUN_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     t0 = time.perf_counter()
     history = run(trainer, out_dir, save_every=cfg.save_every, resume=resume, keep=cfg.keep_checkpoints,
                   progress=progress)
@@ -74,7 +71,7 @@ def train(cfg: PPORunConfig, *, resume: bool = False, reward_fn: RewardFn | None
     if history:
         summary.update({k: history[-1][k] for k in ("reward/mean", "objective/kl", "objective/kl_coef")})
         summary["reward/mean_first"] = history[0]["reward/mean"]
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -29,7 +29,7 @@ from posi_jax.rl.models import build_models
 from posi_jax.rl.ppo import drop_final_eos
 from posi_jax.rl.steps import (StepSpec, TrainState, make_optimizer, ppo_update, scheduled_learning_rate,
                                score_rollout)
-from posi_jax.training import checkpointing
+from posi_jax.training import checkpointing, distributed
 from posi_jax.training.metrics import MetricsWriter
 
 RewardFn = Callable[[list[str], list[str]], Any]  # (rewritten, original) -> scores [B] (or an object with .reward)
@@ -219,10 +219,10 @@ def run(trainer: PPOTrainer, output_dir: str | Path, *, save_every: int = 10, re
             # PosiReward's per_call noise is keyed by its call count: one call per iteration, so continue from there.
             trainer.reward_fn.call_index = start
     metrics_log = MetricsWriter(output_dir, "iteration", resume_step=start if resume else None,
-                                enabled=jax.process_index() == 0)  # rows after the checkpoint are dropped (redone)
+                                enabled=distributed.is_main_process())  # rows after the checkpoint are dropped (redone)
     history = []
     bar = None
-    if progress and jax.process_index() == 0:
+    if progress and distributed.is_main_process():
         from tqdm import tqdm
 
         bar = tqdm(total=trainer.iterations, initial=start, unit="it", desc="ppo")

@@ -28,7 +28,10 @@ def _manager(run_dir, keep: int | None = None, *, create: bool = True):
     directory = Path(run_dir).expanduser().absolute() / "checkpoints"
     if not create and not directory.is_dir():
         return None
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    # A step is written into a temporary folder and renamed when every process has finished it, so a crash leaves no
+    # partial step; cleanup_tmp_directories removes such leftovers when the run resumes.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=create)
     return ocp.CheckpointManager(directory, options=options)
 
 

@@ -34,11 +34,12 @@ from posi_jax.nn.lora import LoRAParam, add_lora
 from posi_jax.policy.adapters import save_adapter
 from posi_jax.policy.chat import check_template, encode_examples, template_of, use_template
 from posi_jax.policy.load import load_base_policy
-from posi_jax.training import checkpointing
+from posi_jax.nn import sharding as shd
+from posi_jax.training import checkpointing, distributed
 from posi_jax.training.metrics import MetricsWriter
 SFT_RUN_CONFIG = "sft_config.json"  # what marks an SFT run folder
 # Fields that may change between a run and its resumption (they do not affect the numbers).
-_RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every", "out_dir"}
+_RESUME_MAY_CHANGE = {"progress", "save_every", "keep_checkpoints", "eval_every", "out_dir", "distributed"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class SFTConfig:
     save_every: int = 100  # optimizer steps between checkpoints (and always at the end)
     keep_checkpoints: int = 2
     progress: bool = True
+    # Join a multi-host run first (training/distributed.py; also when JAX_NUM_PROCESSES is set). Every micro-batch is
+    # split by rows over all devices of all processes (data parallel, parameters replicated), so batch_size must be a
+    # multiple of the device count.
+    distributed: bool = False
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "lora_rank": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "learning_rate": "[0, inf)",
@@ -171,6 +176,10 @@ class SFTTrainer:
 
     def __init__(self, cfg: SFTConfig, model=None, tokenizer=None):
         self.cfg = cfg
+        distributed.initialize(cfg.distributed)
+        self.mesh = shd.make_mesh()
+        shd.check_batch(cfg.batch_size, self.mesh, "batch_size")
+        self.batch_sharding = shd.batch_sharding(self.mesh)
         if model is None:
             model, tokenizer = load_base_policy(cfg.base, dtype=parse_dtype(cfg.compute_dtype, "compute_dtype"),
                                                 param_dtype=parse_dtype(cfg.param_dtype, "param_dtype"))
@@ -196,9 +205,11 @@ class SFTTrainer:
         model.eval()  # dropout off (the graphdef holds the flag)
         self.eval_graphdef = nnx.split(model, _trainable_filter(cfg), nnx.RngState, ...)[0]
         model.train()
-        self.graphdef, self.trainable, self.rng, self.frozen = nnx.split(model, _trainable_filter(cfg), nnx.RngState,
-                                                                         ...)
-        self.opt_state = self.tx.init(self.trainable)
+        self.graphdef, trainable, rng, frozen = nnx.split(model, _trainable_filter(cfg), nnx.RngState, ...)
+        self.trainable, self.rng, self.frozen = (shd.put(t, shd.param_shardings(t, self.mesh))
+                                                 for t in (trainable, rng, frozen))
+        opt_state = self.tx.init(trainable)
+        self.opt_state = shd.put(opt_state, shd.param_shardings(opt_state, self.mesh))
         self._train_step = make_train_step(self.graphdef, self.tx)
         self._eval_step = jax.jit(self._eval_step_impl, static_argnames=("num_targets",))
         self._epoch_cache: tuple[int, list[Batch]] | None = None
@@ -220,6 +231,11 @@ class SFTTrainer:
         return bucketed_batches(self.val_examples, self.cfg.batch_size, pad_id=self.tokenizer.pad_id, seed=0,
                                 epoch=0, pad_multiple=self.cfg.pad_multiple, shuffle=False)
 
+    def _device_batch(self, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(ids, attention_mask, loss_mask) split by rows over the mesh; each process feeds its own rows. Every
+        process still holds the whole host batch: `num_loss_targets` (a static shape) must agree across them."""
+        return shd.put_batch((batch.ids, batch.attention_mask, batch.loss_mask), self.batch_sharding)
+
     # ---- public --------------------------------------------------------------------------------------------------
     def validation_loss(self, trainable=None) -> float:
         """Token-mean response NLL over the validation split (dropout off); `trainable` defaults to the current."""
@@ -228,7 +244,7 @@ class SFTTrainer:
         trainable = self.trainable if trainable is None else trainable
         total = count = 0.0
         for b in self.val_batches():
-            s, n = self._eval_step(trainable, self.rng, self.frozen, b.ids, b.attention_mask, b.loss_mask,
+            s, n = self._eval_step(trainable, self.rng, self.frozen, *self._device_batch(b),
                                    num_targets=num_loss_targets(b.loss_mask))
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
@@ -236,13 +252,13 @@ class SFTTrainer:
     def step(self, batch: Batch) -> dict:
         """One micro-batch through the jitted step (an optimizer update every `grad_accum` calls); its metrics."""
         self.trainable, self.rng, self.opt_state, m = self._train_step(
-            self.trainable, self.rng, self.opt_state, self.frozen, batch.ids, batch.attention_mask, batch.loss_mask,
+            self.trainable, self.rng, self.opt_state, self.frozen, *self._device_batch(batch),
             num_targets=num_loss_targets(batch.loss_mask))
         return m
 
     def batch_loss(self, batch: Batch, trainable=None) -> float:
         trainable = self.trainable if trainable is None else trainable
-        s, n = self._eval_step(trainable, self.rng, self.frozen, batch.ids, batch.attention_mask, batch.loss_mask,
+        s, n = self._eval_step(trainable, self.rng, self.frozen, *self._device_batch(batch),
                                num_targets=num_loss_targets(batch.loss_mask))
         return float(s) / max(float(n), 1.0)
 
@@ -260,7 +276,8 @@ class SFTTrainer:
                          keep=self.cfg.keep_checkpoints)
 
     def restore(self, step: int | None = None) -> int:
-        abstract = jax.eval_shape(lambda: self.checkpoint_items())
+        live = self.checkpoint_items()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), live)
         items, extra = checkpointing.restore(self.cfg.out_dir, step, abstract)
         self.trainable, self.opt_state = items["params"], items["opt_state"]
         self.rng = _data_to_keys(items["rng"], self.rng)
@@ -281,7 +298,8 @@ class SFTTrainer:
         elif checkpointing.latest_step(out) is not None:
             raise PosiError(f"{out} already holds checkpoints: pass --resume, or choose another out_dir")
         out.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(json.dumps(mine, indent=2) + "\n")
+        if distributed.is_main_process():
+            saved_path.write_text(json.dumps(mine, indent=2) + "\n")
 
     def run(self, resume: bool = False, stop_after_step: int | None = None) -> dict:
         """Train to `total_steps` (or stop after optimizer step `stop_after_step`, for tests of interruption)."""
@@ -290,7 +308,9 @@ class SFTTrainer:
         start_micro = 0
         if resume and checkpointing.latest_step(cfg.out_dir) is not None:
             start_micro = self.restore()
-        metrics = MetricsWriter(cfg.out_dir, "step", resume_step=start_micro // cfg.grad_accum if resume else None)
+        main = distributed.is_main_process()
+        metrics = MetricsWriter(cfg.out_dir, "step", resume_step=start_micro // cfg.grad_accum if resume else None,
+                                enabled=main)
         log = metrics.write
 
         summary: dict = {"train_examples": len(self.train_examples), "val_examples": len(self.val_examples),
@@ -300,7 +320,7 @@ class SFTTrainer:
             summary["val_loss_start"] = self.validation_loss()
             log({"step": 0, "val_loss": summary["val_loss_start"]})
         bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -354,7 +374,7 @@ class SFTTrainer:
             if self.val_examples:
                 summary["val_loss"] = self.validation_loss()
                 log({"step": step, "val_loss": summary["val_loss"]})
-            if cfg.finetune == "lora":
+            if cfg.finetune == "lora" and main:
                 self.export_adapter(Path(cfg.out_dir) / "adapter", {"step": step})
         metrics.close()
         return summary

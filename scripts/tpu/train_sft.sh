@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SFT on a TPU VM (single host; run the same command on every host of a multi-host slice).
+# SFT on a TPU VM (single host; on a multi-host slice run the same command on every host, adding distributed=true:
+# the batch is split over every chip of the slice, so batch_size must be a multiple of the chip count).
 #   bash scripts/tpu/train_sft.sh [configs/sft_llama7b_lora.yaml] [key=value ...] [--resume]
 # Needs: an HF LLaMA-7B folder (set base=/path/to/llama-7b-hf) and the POSI pairs (downloaded from the upstream
 # release URL in the config into ~/.cache/posi_jax, or data=/path/to/SFT_toxic_clean.json).
