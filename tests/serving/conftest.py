@@ -53,9 +53,10 @@ def tiny_rewriter(tiny_llama_folder):
                          batch_size=TINY_BATCHING.max_batch)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def plain_service(tiny_rewriter):
-    """No image backend, no key: the default sampling settings and a greedy variant."""
+    """No image backend, no key: the default sampling settings and a greedy variant. Module-scoped: no server thread
+    outlives the serving tests into the rest of the suite."""
     service = start_service(tiny_rewriter, max_prompts=8)
     yield service
     service.server.stop()
