@@ -55,6 +55,7 @@ def train(cfg: PPORunConfig, *, resume: bool = False, reward_fn: RewardFn | None
           progress: bool = True) -> dict:
     """Build everything from the config, train, and return a summary (also written as out_dir/summary.json)."""
     out_dir = Path(cfg.out_dir)
+    distributed.initialize(cfg.distributed)  # before check_run_dir: orbax's step listing starts JAX's backend
     check_run_dir(cfg, resume)  # before the setup (a minute with real models), and before anything is written
     t0 = time.perf_counter()
     trainer = trainer_from_config(cfg, reward_fn)
