@@ -62,6 +62,9 @@ def test_old_ppo_run_loads_and_resumes(tmp_path, in_repo):
     from posi_jax.rl.run import train
 
     run_dir = _copy("ppo_run", tmp_path)
+    # its prompts come from the POSI data (never committed): the run named a fixture file that was one
+    saved = run_dir / "ppo_config.json"
+    saved.write_text(saved.read_text().replace('"tests/fixtures/old_layout/ppo_prompts.json"', '"posi:ppo_prompts.json"'))
     model, _ = load_policy(run_dir)  # the run's SFT policy + its PPO adapter
     assert model.layers[0].self_attn.q_proj.lora is not None
     cfg = dataclasses.replace(read_run_config(run_dir), out_dir=str(run_dir), iterations=2)
