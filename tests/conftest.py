@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("POSI_DATA", REPO.parent / "shared" / "data" / "posi"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_executables():
+    """Each test module leaves JAX's compilation caches empty. Every executable XLA:CPU keeps alive holds ~3-6 memory
+    mappings of JIT code, and module-level `jax.jit` caches keep every shape a test ever used: over the whole suite in
+    one process that passed Linux's `vm.max_map_count` (65530), and LLVM segfaulted inside the next compile (at
+    tests/training/test_report.py, test ~512 of 574, in CI and here). Services and training runs compile a fixed set of
+    shapes, so only a suite reaches that limit."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "sft_toxic_clean.json").is_file():

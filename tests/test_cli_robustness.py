@@ -178,11 +178,13 @@ def interrupt_while_compiling(command: str, args: list[str], functions: set[str]
 
 # Five runs each, the signal 0.5 to 5 s after XLA starts compiling the command's first large jitted function (which
 # takes seconds on an idle 2-core machine, a minute on a busy one). Before the fix, 2 of 5 runs of each command
-# segfaulted this way (exit -11), always at the later delays. The five run side by side.
+# segfaulted this way (exit -11), always at the later delays. The five run side by side. Each run is long enough
+# (SFT: 800 steps) that the last signal still lands in its work on an idle machine: a 6-step run had ended by then,
+# and a signal during the interpreter's shutdown kills it by SIGINT (what a shell also shows as 130).
 INTERRUPTED = [
     ("generate", ["a cat", "--model", "{sd}", "--out", "{tmp}/sigint_{i}", "--steps", "50", "--n", "4", "--height",
                   "64", "--width", "64"], {"_noise_per_index", "_sample_jit"}, "interrupted"),
-    ("sft", ["base={llama}", "data={data}", "out_dir={tmp}/sigint_sft_{i}", "max_steps=6", "val_size=4",
+    ("sft", ["base={llama}", "data={data}", "out_dir={tmp}/sigint_sft_{i}", "max_steps=800", "epochs=50", "val_size=4",
              "cutoff_len=64", "pad_multiple=64", "batch_size=2", "grad_accum=1", "save_every=2", "progress=false"],
      {"_eval_step_impl", "train_step"}, "interrupted: --resume continues from the last checkpoint"),
 ]

@@ -42,11 +42,13 @@ def test_old_sft_run_loads_resumes_and_matches_a_fresh_run(tmp_path, in_repo):
     stored, _ = checkpointing.restore(run_dir, 2, {"params": jax.eval_shape(
         lambda: SFTTrainer(dataclasses.replace(saved, out_dir=str(tmp_path / "shape"))).checkpoint_items()["params"])})
 
-    # today's code, from scratch to step 2: the same adapter as the old layout's checkpoint
+    # today's code, from scratch to step 2: the same adapter as the old layout's checkpoint. The fixture was written on
+    # another CPU, whose XLA kernels round differently in the last bits; Adam's normalisation lifts such differences in
+    # near-zero gradient entries to ~1e-6 here. A step taken differently moves parameters by ~learning rate (1e-3).
     fresh = SFTTrainer(dataclasses.replace(saved, out_dir=str(tmp_path / "fresh")))
     fresh.run(stop_after_step=2)
     for a, b in zip(jax.tree.leaves(stored["params"]), jax.tree.leaves(fresh.trainable)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
     resumed = SFTTrainer(dataclasses.replace(saved, out_dir=str(run_dir)))
     summary = resumed.run(resume=True)
