@@ -34,6 +34,7 @@ from posi_jax.models.llama import KVCache, LlamaForCausalLM, positions_from_mask
 from posi_jax.policy.draft import prompt_lookup_draft
 
 _NUCLEUS_CANDIDATES = 64  # top-p looks at the 64 largest logits; a wider nucleus falls back to sorting the vocabulary
+_SORTED_ROWS = 8  # rows sorted at a time in that fallback, only those whose nucleus is wider
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,15 @@ class Generation(NamedTuple):
     accepted: jax.Array  # [B] int32: draft tokens it accepted (and emitted)
 
 
-def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, top_k: int, top_p: float, needed: jax.Array | None = None) -> jax.Array:
     """Set logits outside the top-k / nucleus (top-p) set to the dtype's minimum. logits [B, V] fp32.
 
     The nucleus is the shortest prefix of the tokens sorted by logit whose mass reaches top_p (the most likely token
     always kept), widened to every token tied with its last one. It is found among the `_NUCLEUS_CANDIDATES` largest
-    logits (`lax.top_k`); only when some row's nucleus is wider are the rows sorted (XLA's CPU sort of a 49k
-    vocabulary costs more than a decoding step). Both paths give the same threshold.
+    logits (`lax.top_k`); only the rows whose nucleus is wider are sorted whole, `_SORTED_ROWS` at a time (XLA's CPU
+    sort of a 49k vocabulary costs ~10 ms a row: sorting all 352 rows of a batch-32 draft window took 3.6 s a step).
+    Both paths give the same threshold. `needed` [B] bool: rows whose result is used; the others are never sorted
+    (their nucleus may be cut at the candidates).
     """
     neg = jnp.finfo(logits.dtype).min
     if 0 < top_k < logits.shape[-1]:  # (a top_k as large as the vocabulary keeps everything)
@@ -82,30 +85,49 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     if top_p < 1.0:
         log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
-        def threshold(descending):  # each row's largest logits, sorted descending -> (threshold, nucleus may be wider)
+        def threshold(descending, log_norm):  # rows' largest logits, sorted descending -> (threshold, may be wider)
             probs = jnp.exp(descending - log_norm)
             mass_before = jnp.cumsum(probs, axis=-1) - probs
             keep = mass_before < top_p  # always keeps the most likely token
             return jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True), keep[:, -1]
 
         vocab = logits.shape[-1]
-        tau, wider = threshold(jax.lax.top_k(logits, min(_NUCLEUS_CANDIDATES, vocab))[0])
+        tau, wider = threshold(jax.lax.top_k(logits, min(_NUCLEUS_CANDIDATES, vocab))[0], log_norm)
         if _NUCLEUS_CANDIDATES < vocab:
-            tau = jax.lax.cond(jnp.any(wider), lambda x: threshold(jnp.sort(x, axis=-1)[:, ::-1])[0],
-                               lambda x: tau, logits)
+            tau = _sorted_thresholds(logits, log_norm, tau, wider if needed is None else wider & needed, threshold)
         logits = jnp.where(logits < tau, neg, logits)
     return logits
 
 
+def _sorted_thresholds(logits, log_norm, tau, wider, threshold):
+    """tau [B, 1] with the rows flagged `wider` replaced by their threshold over the whole sorted row: those rows are
+    gathered first and sorted `_SORTED_ROWS` at a time, so the cost follows how many rows need it (none: nothing)."""
+    rows = logits.shape[0]
+    chunk = min(_SORTED_ROWS, rows)
+    count = jnp.sum(wider)
+    order = jnp.argsort(~wider, stable=True)  # the wider rows first
+    order = jnp.concatenate([order, jnp.zeros((-rows % chunk,), order.dtype)])  # whole chunks
+
+    def body(state):
+        start, tau = state
+        index = jax.lax.dynamic_slice(order, (start,), (chunk,))
+        exact, _ = threshold(jnp.sort(logits[index], axis=-1)[:, ::-1], log_norm[index])
+        index = jnp.where(start + jnp.arange(chunk) < count, index, rows)  # past the wider rows: written nowhere
+        return start + chunk, tau.at[index].set(exact, mode="drop")
+
+    return jax.lax.while_loop(lambda state: state[0] < count, body, (jnp.int32(0), tau))[1]
+
+
 def accept_draft(logits: jax.Array, draft: jax.Array | None, draft_len: jax.Array | None, rng,
-                 cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 cfg: SamplingConfig, live: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Verify a deterministic draft against the target model and pick the tokens a row emits this step.
 
     logits [B, K, V] fp32: the target's next-token logits at the window's K = k + 1 positions (after the row's last
     token, then after each draft token); draft [B, k] and draft_len [B] (how many draft tokens are real), or None
-    when k = 0. Returns (tokens [B, K], logprobs [B, K], accepted [B]): the row emits tokens[:, :accepted + 1], the
-    `accepted` leading draft tokens and then one token drawn from the target; logprobs are the target's
-    log-softmax(logits / temperature) at each token (before filtering; temperature 1 when greedy).
+    when k = 0; live [B] bool, or None: the rows whose tokens are used (a finished row's are not, and its top-p
+    nucleus may be cut short). Returns (tokens [B, K], logprobs [B, K], accepted [B]): the row emits
+    tokens[:, :accepted + 1], the `accepted` leading draft tokens and then one token drawn from the target; logprobs
+    are the target's log-softmax(logits / temperature) at each token (before filtering; temperature 1 when greedy).
 
     Let q_j be the target's filtered distribution (temperature, top-k, top-p) at window position j and d_{j+1} the
     draft token there. Sampling: accept d_{j+1} with probability q_j(d_{j+1}), in order, stopping at the first
@@ -131,7 +153,13 @@ def accept_draft(logits: jax.Array, draft: jax.Array | None, draft_len: jax.Arra
         ok = (draft == tokens[:, :k]) if k else None
     else:
         scaled = logits / cfg.temperature
-        filtered = filter_logits(scaled.reshape(b * window, vocab), cfg.top_k, cfg.top_p).reshape(b, window, vocab)
+        # a window position's distribution is used up to the row's last real draft token (the one after it is the
+        # bonus token's): the rest are never sorted
+        needed = (jnp.arange(window) <= draft_len[:, None]) if k else jnp.ones((b, window), bool)
+        if live is not None:
+            needed = needed & live[:, None]
+        filtered = filter_logits(scaled.reshape(b * window, vocab), cfg.top_k, cfg.top_p,
+                                 needed.reshape(b * window)).reshape(b, window, vocab)
         if k:
             rng, accept_rng = jax.random.split(rng)
             q_draft = jnp.exp(jnp.take_along_axis(filtered[:, :k], draft[..., None], axis=-1)[..., 0]
@@ -217,7 +245,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, cfg: SamplingCon
         hidden, cache = model.hidden_states(tokens_in, attention_mask=jnp.ones(tokens_in.shape, bool),
                                             positions=(slot - r.start)[:, None] + offsets, cache=r.cache,
                                             cache_offset=slot)
-        tokens, logprobs, accepted = accept_draft(model.logits(hidden), draft, draft_len, step_rng, cfg)
+        tokens, logprobs, accepted = accept_draft(model.logits(hidden), draft, draft_len, step_rng, cfg, live)
         emitted = accepted + 1
         is_eos = jnp.isin(tokens, eos) & (offsets < emitted[:, None])
         hit_eos = jnp.any(is_eos, axis=1)

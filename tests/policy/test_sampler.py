@@ -54,6 +54,38 @@ def test_filter_logits_matches_numpy(vocab, scale):
             assert np.array_equal(out[keep], row[keep])
 
 
+def _numpy_nucleus(row, top_p):
+    order = np.argsort(-row)
+    p = np.exp(row[order] - row.max())
+    p /= p.sum()
+    nucleus = np.zeros(row.size, bool)
+    nucleus[order[np.cumsum(p) - p < top_p]] = True
+    return nucleus
+
+
+def test_filter_logits_sorts_only_the_needed_wide_rows():
+    """21 rows, flat (the nucleus is wider than the 64 candidates: sorted, 8 rows at a time) and peaked ones mixed:
+    every needed row equals numpy's nucleus, whichever chunk sorted it; a row not needed may be cut at the
+    candidates, never widened."""
+    rng = np.random.default_rng(2)
+    scale = np.where(rng.random(21) < 0.5, 0.2, 6.0).astype(np.float32)[:, None]
+    logits = (rng.normal(size=(21, 500)) * scale).astype(np.float32)
+    needed = rng.random(21) < 0.7
+    got = np.asarray(filter_logits(jnp.asarray(logits), 0, 0.8, jnp.asarray(needed)))
+    neg = np.finfo(np.float32).min
+    flat_needed = 0
+    for row, out, need in zip(logits, got, needed):
+        nucleus = _numpy_nucleus(row, 0.8)
+        if need:
+            assert np.array_equal(out > neg, nucleus)
+            flat_needed += nucleus.sum() > 64
+        else:
+            assert not np.any((out > neg) & ~nucleus)
+    assert flat_needed > 8  # more than one chunk of sorted rows
+    full = np.asarray(filter_logits(jnp.asarray(logits), 0, 0.8))
+    assert all(np.array_equal(out > neg, _numpy_nucleus(row, 0.8)) for row, out in zip(logits, full))
+
+
 def test_logprobs_and_mask_match_teacher_forced_forward(model):
     ids, mask = _prompts()
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9)
