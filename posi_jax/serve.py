@@ -43,6 +43,8 @@ def parse_args(argv=None):
                           help="how long a prompt waits for others to join its batch")
     batching.add_argument("--max-queue", type=cli.positive_int, default=256, help="prompts waiting; beyond it: 503 + Retry-After")
     batching.add_argument("--max-prompt-tokens", type=cli.positive_int, default=64, help="longer prompts are refused (400)")
+    batching.add_argument("--prompt-lookup-max-batch", type=cli.number(int, "[0, inf)"), default=8,
+                          help="larger compiled batches decode without prompt-lookup drafts (slower there on CPU)")
     sampling = ap.add_argument_group("sampling (requests may pick any compiled variant)")
     sampling.add_argument("--greedy", action="store_true")
     sampling.add_argument("--temperature", type=cli.finite_float, default=0.95)
@@ -51,7 +53,7 @@ def parse_args(argv=None):
     sampling.add_argument("--max-new-tokens", type=cli.positive_int, default=128)
     sampling.add_argument("--no-prompt-lookup", action="store_true",
                           help="decode one token per step (default: prompt-lookup speculative decoding, the same "
-                               "rewrites in fewer steps)")
+                               "rewrites in fewer steps, in batches up to --prompt-lookup-max-batch)")
     sampling.add_argument("--sampling-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                           help="also compile these settings over the defaults, e.g. greedy=true (repeatable)")
     sampling.add_argument("--seed", type=cli.seed, default=0)
@@ -122,7 +124,8 @@ def _serve(args) -> int:
     from posi_jax.serving.server import bind, url_of
 
     batching = BatchingConfig(batch_sizes=_batch_sizes(args.batch_sizes), max_wait_ms=args.max_wait_ms,
-                              max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens)
+                              max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                              prompt_lookup_max_batch=args.prompt_lookup_max_batch)
     service = ServiceConfig(api_key=args.api_key, request_timeout_s=args.request_timeout, max_prompts=args.max_prompts,
                             rewriter=args.checkpoint or "SmolLM2-135M-Instruct + POSI adapter (embedded default)")
     if service.max_prompts > batching.max_queue:

@@ -88,3 +88,16 @@ def test_stopping_the_server_drains_in_flight_requests(tiny_rewriter, fake_image
         fake_images.delay_s = 0.0
         service.server.stop()
     assert r.status_code == 200 and len(r.json()["data"]) == 1
+
+
+def test_batches_above_the_prompt_lookup_limit_decode_without_drafts():
+    from posi_jax.errors import PosiError
+    from posi_jax.policy.sampler import SamplingConfig
+
+    config = BatchingConfig(batch_sizes=(1, 8, 32), prompt_lookup_max_batch=8)
+    served = SamplingConfig(prompt_lookup_tokens=10)
+    assert config.decoding(served, 1) == served and config.decoding(served, 8) == served
+    assert config.decoding(served, 32) == SamplingConfig(prompt_lookup_tokens=0)
+    assert BatchingConfig(prompt_lookup_max_batch=0).decoding(served, 1).prompt_lookup_tokens == 0
+    with pytest.raises(PosiError, match="prompt lookup max batch"):
+        BatchingConfig(prompt_lookup_max_batch=-1)
