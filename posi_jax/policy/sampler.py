@@ -84,22 +84,24 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float, needed: jax.Array
         logits = jnp.where(logits < kth, neg, logits)
     if top_p < 1.0:
         log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-
-        def threshold(descending, log_norm):  # rows' largest logits, sorted descending -> (threshold, may be wider)
-            probs = jnp.exp(descending - log_norm)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            keep = mass_before < top_p  # always keeps the most likely token
-            return jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True), keep[:, -1]
-
         vocab = logits.shape[-1]
-        tau, wider = threshold(jax.lax.top_k(logits, min(_NUCLEUS_CANDIDATES, vocab))[0], log_norm)
+        tau, wider = _nucleus_threshold(jax.lax.top_k(logits, min(_NUCLEUS_CANDIDATES, vocab))[0], log_norm, top_p)
         if _NUCLEUS_CANDIDATES < vocab:
-            tau = _sorted_thresholds(logits, log_norm, tau, wider if needed is None else wider & needed, threshold)
+            tau = _sorted_thresholds(logits, log_norm, tau, wider if needed is None else wider & needed, top_p)
         logits = jnp.where(logits < tau, neg, logits)
     return logits
 
 
-def _sorted_thresholds(logits, log_norm, tau, wider, threshold):
+def _nucleus_threshold(descending, log_norm, top_p: float):
+    """Rows' largest logits sorted descending [R, C] and their log-normaliser [R, 1] -> (the smallest logit kept in
+    the nucleus [R, 1], whether the nucleus may reach past these C logits [R])."""
+    probs = jnp.exp(descending - log_norm)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p  # always keeps the most likely token
+    return jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True), keep[:, -1]
+
+
+def _sorted_thresholds(logits, log_norm, tau, wider, top_p: float):
     """tau [B, 1] with the rows flagged `wider` replaced by their threshold over the whole sorted row: those rows are
     gathered first and sorted `_SORTED_ROWS` at a time, so the cost follows how many rows need it (none: nothing)."""
     rows = logits.shape[0]
@@ -111,7 +113,7 @@ def _sorted_thresholds(logits, log_norm, tau, wider, threshold):
     def body(state):
         start, tau = state
         index = jax.lax.dynamic_slice(order, (start,), (chunk,))
-        exact, _ = threshold(jnp.sort(logits[index], axis=-1)[:, ::-1], log_norm[index])
+        exact, _ = _nucleus_threshold(jnp.sort(logits[index], axis=-1)[:, ::-1], log_norm[index], top_p)
         index = jnp.where(start + jnp.arange(chunk) < count, index, rows)  # past the wider rows: written nowhere
         return start + chunk, tau.at[index].set(exact, mode="drop")
 

@@ -31,6 +31,15 @@ def _prompts():
     return ids, mask
 
 
+def _numpy_nucleus(row, top_p):
+    order = np.argsort(-row)
+    p = np.exp(row[order] - row.max())
+    p /= p.sum()
+    nucleus = np.zeros(row.size, bool)
+    nucleus[order[np.cumsum(p) - p < top_p]] = True
+    return nucleus
+
+
 @pytest.mark.parametrize("vocab,scale", [(50, 3.0), (300, 4.0), (300, 0.3)])
 def test_filter_logits_matches_numpy(vocab, scale):
     # 300 tokens: the nucleus is found among the 64 largest logits (peaked rows), or by the sort (flat rows)
@@ -42,25 +51,9 @@ def test_filter_logits_matches_numpy(vocab, scale):
             if 0 < top_k < vocab:
                 keep &= row >= np.sort(row)[-top_k]
             if top_p < 1:  # nucleus of the distribution left after top-k (sequential, as transformers does)
-                kept = np.where(keep, row, -np.inf)
-                order = np.argsort(-kept)
-                p = np.exp(kept[order] - row.max())
-                p /= p.sum()
-                before = np.cumsum(p) - p
-                nucleus = np.zeros(vocab, bool)
-                nucleus[order[before < top_p]] = True
-                keep &= nucleus
+                keep &= _numpy_nucleus(np.where(keep, row, -np.inf), top_p)
             assert np.array_equal(out > np.finfo(np.float32).min, keep), (top_k, top_p)
             assert np.array_equal(out[keep], row[keep])
-
-
-def _numpy_nucleus(row, top_p):
-    order = np.argsort(-row)
-    p = np.exp(row[order] - row.max())
-    p /= p.sum()
-    nucleus = np.zeros(row.size, bool)
-    nucleus[order[np.cumsum(p) - p < top_p]] = True
-    return nucleus
 
 
 def test_filter_logits_sorts_only_the_needed_wide_rows():
