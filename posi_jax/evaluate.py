@@ -159,7 +159,6 @@ def _evaluate(args) -> int:
     scorer = load_scorer(args.q16_clip, args.q16_prompts, args.clip, nudenet=not args.no_nudenet,
                          safety_checker=checker, nudenet_labels=args.nudenet_labels)
     if rewrites is None:
-        from posi_jax.checkpoints import load_policy
         from posi_jax.config import parse_dtype
         from posi_jax.policy.rewriter import Rewriter
         from posi_jax.policy.sampler import SamplingConfig
@@ -168,8 +167,7 @@ def _evaluate(args) -> int:
                                   top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
                                   **({"prompt_lookup_tokens": 0} if args.no_prompt_lookup else {}))
         dtype = parse_dtype(args.rewriter_dtype, "--rewriter-dtype")
-        model, tokenizer = load_policy(args.checkpoint, dtype=dtype, param_dtype=dtype)
-        rewriter = Rewriter(model, tokenizer, batch_size=args.rewrite_batch_size)
+        rewriter = Rewriter.load(args.checkpoint, dtype=dtype, batch_size=args.rewrite_batch_size)
         # Prompt lookup changes the speed, not the distribution of rewrites: not pinned, so folders made before it
         # (or with it off) still resume.
         pinned = {k: v for k, v in vars(sampling).items() if not k.startswith("prompt_lookup")}

@@ -13,6 +13,9 @@ one token at a time: token for token when greedy, in distribution when sampling 
 When most rows of a batch have finished, the loop stops, keeps the unfinished rows (cache included) and continues at
 half the batch size (8 -> 4 -> 2 -> 1), so finished rows stop costing compute; the same loop body serves every size.
 
+A prefix that every prompt shares (the instruction) can be computed once and handed in (`Prefix`): its keys and
+values are copied into the cache instead of being prefilled for every row.
+
 Returns the response tokens, their log-probs and a mask (real response tokens, the EOS included) — what PPO needs —
 and per-row counts of loop steps and of draft tokens proposed and accepted. Log-probs are under the policy's logits
 divided by the temperature (before top-k/top-p filtering), the quantity PPO rescores by default
@@ -189,6 +192,31 @@ def accept_draft(logits: jax.Array, draft: jax.Array | None, draft_len: jax.Arra
     return tokens, logprobs, accepted
 
 
+class Prefix(NamedTuple):
+    """The keys and values of a prompt prefix that every request shares (the instruction in the chat template),
+    computed once at positions 0..L-1: k, v [num_layers, Hkv, L, D]."""
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefix(graphdef, state, tokens) -> Prefix:
+    model: LlamaForCausalLM = nnx.merge(graphdef, state)
+    cache = KVCache.empty(model.config, 1, tokens.shape[0], dtype=model.dtype)
+    _, cache = model.hidden_states(tokens[None], cache=cache, cache_offset=0)
+    return Prefix(cache.k[:, 0], cache.v[:, 0])
+
+
+def compute_prefix(model: LlamaForCausalLM, tokens) -> Prefix:
+    """The shared prefix's keys and values under `model` (one forward pass over the L tokens)."""
+    graphdef, state = nnx.split(model)
+    return _prefix(graphdef, state, jnp.asarray(tokens, jnp.int32))
+
+
 class _Rows(NamedTuple):
     """The loop state of the rows still being decoded (a batch that shrinks as rows finish)."""
     rows: jax.Array  # [b] int32: each row's index in the caller's batch
@@ -216,7 +244,7 @@ def _take_rows(r: _Rows, order: jax.Array) -> _Rows:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id", "shrink"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, cfg: SamplingConfig, eos_ids: tuple[int, ...],
+def _generate(graphdef, state, prompt_ids, prompt_mask, rng, prefix, *, cfg: SamplingConfig, eos_ids: tuple[int, ...],
               pad_id: int, shrink: bool) -> Generation:
     model: LlamaForCausalLM = nnx.merge(graphdef, state)
     b, p = prompt_ids.shape
@@ -224,9 +252,19 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, cfg: SamplingCon
     window = k + 1
     size = p + n + k
     cache = KVCache.empty(model.config, b, size, dtype=model.dtype)
-    if p > 1:  # every prompt token but the last, which opens the first window (its logits give the first token)
-        _, cache = model.hidden_states(prompt_ids[:, :-1], attention_mask=prompt_mask[:, :-1],
-                                       positions=positions_from_mask(prompt_mask)[:, :-1], cache=cache, cache_offset=0)
+    start = (p - jnp.sum(prompt_mask, axis=1)).astype(jnp.int32)
+    done_upto = 0
+    if prefix is not None:
+        done_upto = prefix.length
+        rows = jnp.arange(b)[:, None]
+        slots = start[:, None] + jnp.arange(done_upto)
+        cache = KVCache(cache.k.at[:, rows, :, slots].set(jnp.moveaxis(prefix.k, 2, 0).astype(cache.k.dtype)),
+                        cache.v.at[:, rows, :, slots].set(jnp.moveaxis(prefix.v, 2, 0).astype(cache.v.dtype)),
+                        cache.valid.at[rows, slots].set(True))
+    if p - 1 > done_upto:  # every prompt token but the last, which opens the first window (its logits give the first token)
+        _, cache = model.hidden_states(prompt_ids[:, done_upto:-1], attention_mask=prompt_mask[:, done_upto:-1],
+                                       positions=positions_from_mask(prompt_mask)[:, done_upto:-1], cache=cache,
+                                       cache_offset=done_upto)
     eos = jnp.asarray(eos_ids, jnp.int32)
     offsets = jnp.arange(window)
 
@@ -265,7 +303,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, cfg: SamplingCon
 
     r = _Rows(rows=jnp.arange(b, dtype=jnp.int32),
               seq=jnp.concatenate([prompt_ids, jnp.full((b, n + k), pad_id, jnp.int32)], axis=1),
-              cur=jnp.full((b,), p - 1, jnp.int32), start=(p - jnp.sum(prompt_mask, axis=1)).astype(jnp.int32),
+              cur=jnp.full((b,), p - 1, jnp.int32), start=start,
               done=jnp.zeros((b,), bool), logprobs=jnp.zeros((b, n), jnp.float32),
               steps=jnp.zeros((b,), jnp.int32), drafted=jnp.zeros((b,), jnp.int32),
               accepted=jnp.zeros((b,), jnp.int32), cache=cache)
@@ -286,8 +324,12 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, cfg: SamplingCon
 
 
 def generate(model: LlamaForCausalLM, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, *, eos_ids, pad_id: int,
-             shrink: bool | None = None) -> Generation:
+             shrink: bool | None = None, prefix: Prefix | None = None) -> Generation:
     """prompt_ids/prompt_mask [B, P] LEFT-padded (every row's last slot is a real token).
+
+    `prefix`: the keys and values of L tokens that every row's real tokens begin with, each row having more than L
+    (`compute_prefix`); they are copied into each row's cache and the prefill runs over the columns after the first
+    L only (a row with more padding recomputes some of its prefix there). The same output, up to float rounding.
 
     `shrink`: continue at half the batch size once half the rows have finished (default: when the batch is on one
     device; a batch sharded over devices keeps its shape)."""
@@ -298,4 +340,4 @@ def generate(model: LlamaForCausalLM, prompt_ids, prompt_mask, rng, cfg: Samplin
         raise PosiError(f"sampling.top_k {cfg.top_k} is larger than the model's vocabulary of {model.config.vocab_size}")
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool), rng,
-                     cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), shrink=bool(shrink))
+                     prefix, cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), shrink=bool(shrink))

@@ -2,9 +2,9 @@
 until the oldest has waited `max_wait_ms`) into one `Rewriter.rewrite_detailed` call whose shape is one of a few
 compiled at start-up, so no load ever triggers a compilation.
 
-The compiled shapes are (batch size, padded prompt length, sampling settings): batch sizes from `batch_sizes` (a
-batch is padded with copies of its first prompt up to the next one), prompt lengths the rewriter's padded lengths that
-a prompt of at most `max_prompt_tokens` tokens can reach (a batch is padded to its longest prompt), and the sampling
+The compiled shapes are (batch size, prompt layout, sampling settings): batch sizes from `batch_sizes` (a batch is
+padded with copies of its first prompt up to the next one), prompt layouts the rewriter's (shared prefix, padded
+length) that a prompt of at most `max_prompt_tokens` tokens can reach (a batch is padded to its longest prompt), and the sampling
 settings the server was started with. `warm_up` runs every one of them once; a prompt that would need another shape
 is refused before it is queued. Batches run one at a time on a single device thread; the event loop only queues.
 """
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from posi_jax.errors import PosiError
 from posi_jax.policy.chat import check_prompts
-from posi_jax.policy.rewriter import Rewrite, Rewriter, padded_length
+from posi_jax.policy.rewriter import Rewrite, Rewriter
 from posi_jax.policy.sampler import SamplingConfig
 from posi_jax.serving.metrics import Metrics, compilations
 
@@ -105,11 +105,11 @@ class DynamicBatcher:
         self.sampling = tuple(dict.fromkeys(sampling))  # the first is the default; duplicates compile once
         if not self.sampling:
             raise PosiError("no sampling settings to serve")
-        self.probes = self._length_probes()  # padded prompt length -> a prompt that reaches it
+        self.probes = self._length_probes()  # (shared prefix, padded prompt length) -> a prompt that has it
         context = rewriter.model.config.max_position_embeddings
         for cfg in self.sampling:
-            if max(self.probes) + cfg.max_new_tokens > context:
-                raise PosiError(f"prompts of {config.max_prompt_tokens} tokens (padded to {max(self.probes)} with "
+            if max(self.lengths) + cfg.max_new_tokens > context:
+                raise PosiError(f"prompts of {config.max_prompt_tokens} tokens (padded to {max(self.lengths)} with "
                                 f"the instruction) + {cfg.max_new_tokens} new tokens exceed the model's context of "
                                 f"{context}; lower --max-prompt-tokens or --max-new-tokens")
         self._seed = seed
@@ -128,30 +128,34 @@ class DynamicBatcher:
 
     @property
     def lengths(self) -> tuple[int, ...]:
-        return tuple(sorted(self.probes))
+        """The compiled padded prompt lengths."""
+        return tuple(sorted(length for _, length in self.probes))
 
     @property
     def shapes(self) -> int:
         return len(self.sampling) * len(self.probes) * len(self.config.batch_sizes)
 
-    def _length_probes(self) -> dict[int, str]:
-        """A prompt for each padded length a served prompt can reach: the first k words of a plain sentence (the
-        model ends its rewrite soon, so the warm-up runs are short), k growing until the token limit."""
-        probes: dict[int, str] = {}
+    def _length_probes(self) -> dict[tuple[int, int], str]:
+        """A prompt for each layout a served prompt can reach: the first k words of a plain sentence (the model ends
+        its rewrite soon, so the warm-up runs are short), k growing until the token limit."""
+        probes: dict[tuple[int, int], str] = {}
         words = (_PROBE_SENTENCE * (1 + self.config.max_prompt_tokens // 8)).split()
         for k in range(1, len(words) + 1):
             text = " ".join(words[:k])
             if len(self.rewriter.tokenizer.encode(text)) > self.config.max_prompt_tokens:
                 break
-            probes.setdefault(padded_length(len(self.rewriter.chat_tokens(text))), text)
+            probes.setdefault(self._layout(text), text)
         return probes
+
+    def _layout(self, prompt: str) -> tuple[int, int]:
+        return self.rewriter.layout([self.rewriter.chat_tokens(prompt)])
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> dict:
         """Run every served shape once (compiling it); returns the shapes, seconds and compilations it took."""
         t0, c0 = time.perf_counter(), compilations()
         done = 0
         for cfg in self.sampling:
-            for length, probe in sorted(self.probes.items()):
+            for (_, length), probe in sorted(self.probes.items()):
                 for size in self.config.batch_sizes:
                     t = time.perf_counter()
                     self.rewriter.rewrite_detailed([probe] * size, self.config.decoding(cfg, size), seed=0)
@@ -185,7 +189,7 @@ class DynamicBatcher:
             n = len(self.rewriter.tokenizer.encode(p.strip()))
             if n > limit:
                 raise PosiError(f"prompt {i} is {n} tokens long; this server takes at most {limit}")
-            if padded_length(len(self.rewriter.chat_tokens(p))) not in self.probes:
+            if self._layout(p) not in self.probes:
                 raise PosiError(f"prompt {i} ({n} tokens) needs a shape this server did not compile; shorten it")
         return prompts
 

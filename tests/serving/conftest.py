@@ -9,7 +9,8 @@ import pytest
 from posi_jax.policy.sampler import SamplingConfig
 from posi_jax.serving.batcher import BatchingConfig
 
-# one prompt-length bucket (the chat template + <= 16 prompt tokens fit 64) x two batch sizes: two compiled shapes
+# one prompt layout (the shared 36-token template and instruction, then <= 16 prompt tokens and the assistant header
+# padded to 32) x two batch sizes: two compiled shapes
 TINY_BATCHING = BatchingConfig(batch_sizes=(1, 4), max_wait_ms=200, max_queue=64, max_prompt_tokens=16)
 TINY_SAMPLING = SamplingConfig(max_new_tokens=8)
 TINY_GREEDY = SamplingConfig(max_new_tokens=8, greedy=True)

@@ -56,7 +56,7 @@ def test_healthz_describes_the_compiled_shapes(plain_service):
     with plain_service.client() as c:
         h = c.get("/healthz").json()
     assert h["status"] == "ok" and h["images"] is None and h["api_key_required"] is False
-    assert h["batch_sizes"] == [1, 4] and h["prompt_lengths"] == [64] and h["max_prompt_tokens"] == 16
+    assert h["batch_sizes"] == [1, 4] and h["prompt_lengths"] == [36 + 32] and h["max_prompt_tokens"] == 16
     assert h["sampling"] == ["temperature=0.95, top_p=0.7, top_k=0, max_new_tokens=8", "greedy, max_new_tokens=8"]
     assert h["compilations_after_warmup"] == 0 and h["queued"] == 0
 
