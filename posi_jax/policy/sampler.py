@@ -208,7 +208,7 @@ def _prefix(graphdef, state, tokens) -> Prefix:
     model: LlamaForCausalLM = nnx.merge(graphdef, state)
     cache = KVCache.empty(model.config, 1, tokens.shape[0], dtype=model.dtype)
     _, cache = model.hidden_states(tokens[None], cache=cache, cache_offset=0)
-    return Prefix(cache.k[:, 0], cache.v[:, 0])
+    return Prefix(jnp.stack([k[0] for k in cache.k]), jnp.stack([v[0] for v in cache.v]))
 
 
 def compute_prefix(model: LlamaForCausalLM, tokens) -> Prefix:
@@ -239,8 +239,7 @@ def _batch_sizes(batch: int, shrink: bool) -> list[int]:
 
 
 def _take_rows(r: _Rows, order: jax.Array) -> _Rows:
-    cache = KVCache(r.cache.k[:, order], r.cache.v[:, order], r.cache.valid[order])
-    return _Rows(*(a[order] for a in r[:-1]), cache)
+    return _Rows(*(a[order] for a in r[:-1]), r.cache.take_rows(order))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id", "shrink"))
@@ -256,11 +255,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, prefix, *, cfg: Sam
     done_upto = 0
     if prefix is not None:
         done_upto = prefix.length
-        rows = jnp.arange(b)[:, None]
-        slots = start[:, None] + jnp.arange(done_upto)
-        cache = KVCache(cache.k.at[:, rows, :, slots].set(jnp.moveaxis(prefix.k, 2, 0).astype(cache.k.dtype)),
-                        cache.v.at[:, rows, :, slots].set(jnp.moveaxis(prefix.v, 2, 0).astype(cache.v.dtype)),
-                        cache.valid.at[rows, slots].set(True))
+        cache = cache.place(prefix.k, prefix.v, start)
     if p - 1 > done_upto:  # every prompt token but the last, which opens the first window (its logits give the first token)
         _, cache = model.hidden_states(prompt_ids[:, done_upto:-1], attention_mask=prompt_mask[:, done_upto:-1],
                                        positions=positions_from_mask(prompt_mask)[:, done_upto:-1], cache=cache,
