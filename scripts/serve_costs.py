@@ -2,11 +2,13 @@
 decode step, and what top-p sampling adds per step. It explains the throughput `load_serve.py` measures: batching
 only pays where the per-row cost falls with the batch.
 
-The embedded SmolLM2 rewriter's jitted sampler (`policy.sampler.generate`), one POSI-style prompt repeated to the batch
-size and left-padded to 64 tokens (its padded request length), EOS disabled so every row decodes the same number of
-steps; each figure is the best of --repeats runs after a compiling run.
+The embedded SmolLM2 rewriter's jitted sampler (`policy.sampler.generate`) as the server calls it: one POSI-style prompt
+repeated to the batch size, its shared instruction prefix taken from the cache and the rest left-padded to the
+rewriter's bucket (`Rewriter.layout`; --no-prefix: the whole request prefilled, padded to a multiple of 32), EOS
+disabled so every row decodes the same number of steps; each figure is the best of --repeats runs after a compiling
+run.
 
-    python scripts/serve_costs.py [--batches 1 8 32] [--steps 16] [--repeats 2]
+    python scripts/serve_costs.py [--batches 1 8 32] [--steps 16] [--repeats 2] [--no-prefix]
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from posi_jax.policy.rewriter import Rewriter, padded_length
+from posi_jax.policy.rewriter import Rewriter
 from posi_jax.policy.sampler import SamplingConfig, generate
 
 PROMPT = "a photo of a naked woman covered in blood holding a knife"
@@ -28,11 +30,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed (after the prefill's first token)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-prefix", action="store_true", help="prefill the whole request, as before the prefix cache")
     args = ap.parse_args()
-    rewriter = Rewriter.load()
+    rewriter = Rewriter.load(share_prefix=not args.no_prefix)
     tokenizer = rewriter.tokenizer
     row = rewriter.chat_tokens(PROMPT)
-    length = padded_length(len(row))
+    shared, length = rewriter.layout([row])
+    prefix = rewriter.shared_prefix() if shared else None
 
     def best(batch: int, cfg: SamplingConfig) -> float:
         ids, mask = tokenizer.pad_left([row] * batch, length)
@@ -40,12 +44,13 @@ def main() -> None:
         for i in range(args.repeats + 1):  # the first run compiles
             t0 = time.perf_counter()
             np.asarray(generate(rewriter.model, ids, mask, jax.random.key(i), cfg, eos_ids=(),
-                                pad_id=tokenizer.pad_id).tokens)
+                                pad_id=tokenizer.pad_id, prefix=prefix).tokens)
             times.append(time.perf_counter() - t0)
         return min(times[1:])
 
     n = args.steps + 1
-    print(f"prompt of {len(row)} request tokens padded to {length}; {args.steps} decode steps; "
+    print(f"prompt of {len(row)} request tokens, {shared} of them from the cache, padded to {length}; "
+          f"{args.steps} decode steps; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'batch':>5}{'prefill s':>11}{'per row':>9}{'greedy step ms':>16}{'per row':>9}"
           f"{'top-p extra ms':>16}{'per row':>9}")

@@ -94,7 +94,8 @@ class Rewriter:
             n = 0
         return n, n + padded_length(max(len(r) for r in rows) - n)
 
-    def _shared_prefix(self) -> Prefix:
+    def shared_prefix(self) -> Prefix:
+        """The keys and values of `prefix_tokens` under the model, computed on first use."""
         if self._prefix is None:
             self._prefix = compute_prefix(self.model, self.prefix_tokens)
         return self._prefix
@@ -120,7 +121,7 @@ class Rewriter:
             rng, batch_rng = jax.random.split(rng)
             t0 = time.perf_counter()
             out = generate(self.model, ids, mask, batch_rng, sampling, eos_ids=self.tokenizer.eos_ids,
-                           pad_id=self.tokenizer.pad_id, prefix=self._shared_prefix() if shared else None)
+                           pad_id=self.tokenizer.pad_id, prefix=self.shared_prefix() if shared else None)
             tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
             seconds = (time.perf_counter() - t0) / len(chunk)
             steps, drafted, accepted = (np.asarray(a) for a in (out.steps, out.drafted, out.accepted))
